@@ -1,0 +1,1 @@
+"""Library behind the speedrun pipeline: one concept per module, stages/ stays thin."""

@@ -1,0 +1,34 @@
+"""Errors a user can act on. Stages print them as one line instead of a traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class SpeedrunError(Exception):
+    """A failure with a message that tells the user what to do; printed without traceback."""
+
+
+class ParamError(SpeedrunError, ValueError):
+    """A value in params.yaml has the wrong type or is out of range."""
+
+
+class DataError(SpeedrunError):
+    """Input data (raw files, shards, manifests) is missing, truncated or malformed."""
+
+
+def stage_main(fn):
+    """Decorate a stage's main(): SpeedrunError -> 'error: ...' on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SpeedrunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
