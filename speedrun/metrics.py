@@ -1,0 +1,80 @@
+"""Run metadata and speed figures: GPU name, git commit, measured matmul peak, MFU, console lines."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def measure_bf16_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float | None:
+    """Dense bf16 matmul rate this GPU actually delivers (the MFU denominator); None on CPU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 * iters / seconds / 1e12
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float | None, float | None]:
+    if device.type != "cuda":
+        return None, None
+    return (torch.cuda.max_memory_allocated(device) / 2 ** 30,
+            torch.cuda.max_memory_reserved(device) / 2 ** 30)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def fmt_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s / 1e6:.3f}M" if tokens_per_s >= 1e6 else f"{tokens_per_s / 1e3:.1f}k"
+
+
+class Stopwatch:
+    """Accumulates seconds across start/stop pairs (the speedrun's training clock)."""
+
+    def __init__(self, total: float = 0.0, sync=None):
+        self.total, self._t0, self._sync = total, None, sync or (lambda: None)
+
+    def start(self):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        if self._t0 is not None:
+            self.total += time.perf_counter() - self._t0
+            self._t0 = None
+        return self.total
+
+    def peek(self) -> float:
+        return self.total + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)

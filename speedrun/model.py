@@ -1,0 +1,289 @@
+"""GPT-2 (124M) class model of the speedrun, readable in one sitting.
+
+The architecture is the modded-nanogpt line: rotary embeddings, QK RMS-norm, ReLU^2 MLP, RMS-norm
+without gains, zero-initialised output projections, value embeddings mixed into the attention
+values (U-net layer pattern), U-net skips with learned weights, a learned mix with the initial
+embedding x0 in every block, a smear gate, soft-capped logits and an untied head.
+
+Attention runs through FlexAttention over ONE flat sequence per micro-batch (batch size 1): the
+block mask keeps it causal, inside each document (documents start at token 50256) and inside a
+sliding window. The window is a device tensor, so growing it during training never recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+EOT_ID = 50256          # <|endoftext|>: placed before every document by tokenize_shards
+BLOCK_SIZE = 128        # FlexAttention block size; windows and sequence lengths are multiples of it
+ATTN_SCALE = 0.12       # fixed softmax scale with QK-norm (modded-nanogpt; ~1/sqrt(head_dim) is too soft)
+SMEAR_GATE_DIMS = 12    # the smear gate reads this many leading embedding dims
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    model_dim: int = 768
+    n_head: int = 6
+    head_dim: int = 128
+    value_embeds: int = 3
+    no_attn_layer: int = 7
+    logit_cap: float = 30.0
+    max_seq_len: int = 65536   # rotary table length: the longest flat sequence a forward sees
+
+    def validate(self) -> None:
+        if self.n_layer % 2:
+            raise ValueError("n_layer must be even (U-net skips pair the two halves)")
+        if not 0 <= self.value_embeds <= self.n_layer // 2:
+            raise ValueError("value_embeds must be in 0..n_layer/2")
+        if self.head_dim % 4:
+            raise ValueError("head_dim must be a multiple of 4 (half-truncated rotary)")
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Linear layer whose fp32 master weight is cast to the activation dtype (bf16 on GPU)."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        with torch.no_grad():
+            if zero_init:
+                self.weight.zero_()
+            else:
+                bound = math.sqrt(3) * 0.5 * in_features ** -0.5  # std 0.5/sqrt(fan_in)
+                self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE: half of the head dims rotate (base 1024), the other half carry no position."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        freq = torch.cat([freq, freq.new_zeros(head_dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)
+        self.cos = nn.Buffer(theta.cos(), persistent=False)
+        self.sin = nn.Buffer(theta.sin(), persistent=False)
+
+    def forward(self, x_BTHD: Tensor) -> Tensor:
+        T = x_BTHD.size(-3)
+        cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
+        x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+        y = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return y.type_as(x_BTHD)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        hdim = cfg.n_head * cfg.head_dim
+        bound = math.sqrt(3) * 0.5 * cfg.model_dim ** -0.5
+        # q, k and v weights in one tensor: one matmul, and Muon orthogonalises each 2-D slice alike
+        self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim).uniform_(-bound, bound))
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len)
+        self.c_proj = CastedLinear(hdim, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask | Tensor) -> Tensor:
+        B, T = x.size(0), x.size(1)
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
+        q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        v = self.lambdas[0] * v
+        if ve is not None:
+            v = v + self.lambdas[1] * ve.view_as(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(block_mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE)
+        else:  # dense bool mask of the same pattern: CPU (FlexAttention has no CPU backward)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, 4 * dim)
+        self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg) if layer != cfg.no_attn_layer else None
+        self.mlp = MLP(cfg.model_dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, block_mask: BlockMask | Tensor) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, block_mask)
+        return x + self.mlp(norm(x))
+
+
+def _dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense [q_block, kv_block] bool mask -> (counts, kv indices), most recent kv block first."""
+    counts = dense.sum(dim=-1, dtype=torch.int32)
+    indices = dense.argsort(dim=-1, descending=False, stable=True).flip(-1).to(torch.int32)
+    return counts[None, None].contiguous(), indices[None, None].contiguous()
+
+
+def document_window_masks(tokens: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask]:
+    """Causal, document-local, sliding-window block masks: (long window, half window).
+
+    Built straight from block-level bookkeeping (no dense token-level mask), so it costs
+    microseconds. The window counts whole 128-token blocks; `window_blocks` is an int32 device
+    tensor and only clamps the block counts, so changing it never triggers a recompile.
+    """
+    T = tokens.numel()
+    n = T // BLOCK_SIZE
+    docs = (tokens == EOT_ID).cumsum(0)
+    docs_lo = docs.view(n, BLOCK_SIZE)[:, 0].contiguous()
+    docs_hi = docs.view(n, BLOCK_SIZE)[:, -1].contiguous()
+
+    def doc_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+
+    blk = torch.arange(n, dtype=torch.int32, device=tokens.device)
+    causal_any = blk[:, None] >= blk
+    causal_all = blk[:, None] > blk
+    doc_any = (docs_lo[:, None] <= docs_hi) & (docs_lo <= docs_hi[:, None])
+    doc_all = (docs_lo[:, None] == docs_hi) & (docs_lo == docs_hi[:, None])
+    any_bm = causal_any & doc_any
+    all_bm = causal_all & doc_all
+    partial_n, partial_idx = _dense_to_ordered(any_bm & ~all_bm)
+    full_n, full_idx = _dense_to_ordered(all_bm)
+
+    def build(wb: Tensor) -> BlockMask:
+        return BlockMask.from_kv_blocks(
+            torch.clamp_max(partial_n, torch.clamp_min(wb - full_n, 1)), partial_idx,
+            torch.clamp_max(full_n, wb - 1), full_idx,
+            BLOCK_SIZE=BLOCK_SIZE, mask_mod=doc_causal)
+
+    return build(window_blocks), build(torch.clamp_min(window_blocks // 2, 1))
+
+
+def dense_mask(block_mask: BlockMask, tokens: Tensor) -> Tensor:
+    """Token-level bool mask [T, T] that attends exactly where `block_mask` does.
+
+    FlexAttention visits the kv blocks the BlockMask lists and applies the mask_mod inside them;
+    expanding the block pattern to tokens and AND-ing the document-causal rule gives the same set.
+    Costs O(T^2): for the CPU profile and for exported models, not for GPU training.
+    """
+    T = tokens.numel()
+    blocks = block_mask.to_dense()[0, 0].bool()
+    allowed = blocks.repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(BLOCK_SIZE, 1)[:T, :T]
+    docs = (tokens == EOT_ID).cumsum(0)
+    pos = torch.arange(T, device=tokens.device)
+    return allowed & (pos[:, None] >= pos) & (docs[:, None] == docs)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
+        self.smear_gate = CastedLinear(SMEAR_GATE_DIMS, 1, zero_init=True)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        # long window on layers 0, 4 of each half (mirrored), half window elsewhere: most layers
+        # only need local context, and short windows are cheaper
+        half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
+        self.long_window = half + half[::-1]
+
+    def value_embed_per_layer(self, tokens: Tensor) -> list[Tensor | None]:
+        """Tables 0..k-1 feed the first k layers and again the last k layers (012 ... 012)."""
+        ve = [emb(tokens) for emb in self.value_embeds]
+        k, L = len(ve), self.cfg.n_layer
+        return ve + [None] * (L - 2 * k) + ve
+
+    def hidden_states(self, tokens: Tensor, window_blocks: Tensor) -> Tensor:
+        """tokens: 1-D int tensor (a multiple of 128 long) -> final normed states [1, T, dim]."""
+        long_bm, short_bm = document_window_masks(tokens, window_blocks)
+        if not tokens.is_cuda:
+            long_bm, short_bm = dense_mask(long_bm, tokens), dense_mask(short_bm, tokens)
+        x = self.embed(tokens)
+        # smear gate: add a gated copy of the previous token's embedding (not across documents)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[1:, :SMEAR_GATE_DIMS]))
+        gate = gate * (tokens[1:, None] != EOT_ID)
+        x = torch.cat([x[:1], x[1:] + gate.type_as(x) * x[:-1]])
+        x = x0 = norm(x[None])
+        ve = self.value_embed_per_layer(tokens)
+        skips = []
+        half = self.cfg.n_layer // 2
+        for i, block in enumerate(self.blocks):
+            if i >= half:  # decoder half: add the mirrored encoder output
+                x = x + self.skip_weights[i - half] * skips.pop()
+            x = block(x, ve[i], x0, long_bm if self.long_window[i] else short_bm)
+            if i < half:
+                skips.append(x)
+        return norm(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        cap = self.cfg.logit_cap
+        logits = self.lm_head(x).float()
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, tokens: Tensor, targets: Tensor, window_blocks: Tensor) -> Tensor:
+        """Mean cross-entropy of next-token prediction over the flat sequence."""
+        logits = self.logits(self.hidden_states(tokens, window_blocks))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.long())
+
+
+def build_model(cfg: GPTConfig, device: torch.device) -> GPT:
+    model = GPT(cfg).to(device)
+    if device.type == "cuda":
+        # bf16 embeddings: activations start (and stay) bf16; linear master weights stay fp32
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.bfloat16()
+    return model
+
+
+def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Which optimizer owns which parameter: Muon takes the hidden matrices, Adam the rest."""
+    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2]
+    embed = [model.embed.weight, *[e.weight for e in model.value_embeds]]
+    head = [model.lm_head.weight]
+    seen = {id(p) for p in hidden + embed + head}
+    scalars = [p for p in model.parameters() if id(p) not in seen]
+    return {"hidden": hidden, "embed": embed, "head": head, "scalar": scalars}
+
+
+def matmul_params(model: GPT) -> int:
+    """Parameters that cost 6 FLOPs per token in training (everything but the embedding lookups)."""
+    lookups = sum(p.numel() for p in [model.embed.weight, *[e.weight for e in model.value_embeds]])
+    return sum(p.numel() for p in model.parameters()) - lookups
+
+
+def flops_per_token(cfg: GPTConfig, n_matmul_params: int, mean_window: float) -> float:
+    """Training FLOPs per token: 6 per matmul weight plus attention scores and values.
+
+    Attention per layer and token: 2 matmuls (QK^T and AV) of 2*head_dim*n_head FLOPs per key
+    seen, ~mean_window/2 keys on average under a causal window, times 3 for forward+backward.
+    """
+    attn_layers = cfg.n_layer - (1 if 0 <= cfg.no_attn_layer < cfg.n_layer else 0)
+    attn = attn_layers * 3 * 2 * 2 * cfg.n_head * cfg.head_dim * (mean_window / 2)
+    return 6 * n_matmul_params + attn

@@ -1,0 +1,574 @@
+"""The speedrun training loop: train to the target validation loss, time it honestly, resume safely.
+
+Timing rules (those of the public speedrun): the clock runs only while training steps run.
+Compilation happens before it starts (warm-up on dummy tokens, after which weights and optimizer
+state are reset, so nothing is learned untimed); validation and checkpoint writes stop it and are
+reported separately.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .errors import ParamError, SpeedrunError
+from .evaluate import evaluate_loss
+from .loader import BatchLoader, TokenStream
+from .metrics import (Stopwatch, device_name, fmt_duration, fmt_rate, git_commit,
+                      measure_bf16_tflops, peak_memory_gib)
+from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
+from .optimizer import build_optimizers, set_lr
+from .params import param
+from .schedule import lr_multiplier, muon_momentum, window_blocks
+from .shards import MANIFEST, load_manifest, shard_paths
+
+
+def _multiple_of_block(v) -> str | None:
+    return None if v % BLOCK_SIZE == 0 else f"must be a multiple of {BLOCK_SIZE}"
+
+
+@dataclasses.dataclass
+class TrainParams:
+    profile: str = param("gpu", choices=["gpu", "cpu-tiny"])
+    seed: int = param(1337, ge=0)
+    vocab_size: int = param(50304, ge=50257)
+    n_layer: int = param(12, ge=2, check=lambda v: None if v % 2 == 0 else "must be even")
+    model_dim: int = param(768, ge=16)
+    n_head: int = param(6, ge=1)
+    head_dim: int = param(128, ge=8, check=lambda v: None if v % 4 == 0 else "must be a multiple of 4")
+    value_embeds: int = param(3, ge=0)
+    no_attn_layer: int = param(7, ge=-1)
+    logit_cap: float = param(30.0, gt=0)
+    batch_tokens: int = param(524288, ge=BLOCK_SIZE)
+    micro_batch_tokens: int = param(16384, ge=BLOCK_SIZE, check=_multiple_of_block)
+    steps: int = param(1400, ge=1)
+    window_start: int = param(256, ge=BLOCK_SIZE, check=_multiple_of_block)
+    window_end: int = param(1792, ge=BLOCK_SIZE, check=_multiple_of_block)
+    muon_lr: float = param(0.05, gt=0)
+    muon_momentum_start: float = param(0.85, ge=0, lt=1)
+    muon_momentum_end: float = param(0.95, ge=0, lt=1)
+    muon_momentum_warmup: int = param(300, ge=0)
+    muon_ns_steps: int = param(5, ge=1, le=20)
+    embed_lr: float = param(0.6, gt=0)
+    head_lr: float = param(0.008, gt=0)
+    scalar_lr: float = param(0.04, gt=0)
+    adam_beta1: float = param(0.8, ge=0, lt=1)
+    adam_beta2: float = param(0.95, ge=0, lt=1)
+    cooldown_frac: float = param(0.4, ge=0, le=1)
+    final_lr_frac: float = param(0.1, ge=0, le=1)
+    val_every: int = param(125, ge=0)
+    val_tokens: int = param(10485760, ge=BLOCK_SIZE)
+    target_val_loss: float = param(3.28, gt=0)
+    ckpt_every: int = param(200, ge=0)
+    compile: bool = param(True)
+    fp8: str = param("auto", choices=["auto", "on", "off"])
+    warmup_steps: int = param(3, ge=0)
+
+    def validate(self) -> None:
+        p = effective(self)
+        if p.batch_tokens % p.micro_batch_tokens:
+            raise ParamError(f"params.yaml: train.batch_tokens ({p.batch_tokens}) must be a multiple "
+                             f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
+        if p.val_tokens % p.micro_batch_tokens:
+            raise ParamError(f"params.yaml: train.val_tokens ({p.val_tokens}) must be a multiple "
+                             f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
+        if p.value_embeds > p.n_layer // 2:
+            raise ParamError(f"params.yaml: train.value_embeds must be <= n_layer/2 ({p.n_layer // 2})")
+        if p.window_end < p.window_start:
+            raise ParamError("params.yaml: train.window_end must be >= train.window_start")
+
+
+# The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
+CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
+                batch_tokens=1024, micro_batch_tokens=256, window_start=128, window_end=256,
+                compile=False, fp8="off", warmup_steps=0)
+
+# keys that do not change what a run computes: a checkpoint made under other values still resumes
+RUN_CONTROL_KEYS = {"val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8"}
+
+
+def effective(p: TrainParams) -> TrainParams:
+    return dataclasses.replace(p, **CPU_TINY) if p.profile == "cpu-tiny" else p
+
+
+def model_config(p: TrainParams) -> GPTConfig:
+    return GPTConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, model_dim=p.model_dim,
+                     n_head=p.n_head, head_dim=p.head_dim, value_embeds=p.value_embeds,
+                     no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap,
+                     max_seq_len=p.micro_batch_tokens)
+
+
+def fingerprint(p: TrainParams, manifest: dict) -> str:
+    """Identity of a run: what it trains on and with which trajectory-relevant settings."""
+    keys = {k: v for k, v in dataclasses.asdict(p).items() if k not in RUN_CONTROL_KEYS}
+    data = [s.get("sha256", s.get("file")) for s in manifest.get("train", [])]
+    return hashlib.sha256(json.dumps([keys, data], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def init_distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return rank, world, local
+
+
+def pick_device(p: TrainParams, local_rank: int) -> torch.device:
+    if p.profile == "cpu-tiny":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SpeedrunError("no CUDA GPU found: the gpu profile needs one. To run on CPU, use the tiny "
+                            "test profile: dvc exp run -S train.profile=cpu-tiny")
+    return torch.device("cuda", local_rank)
+
+
+def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
+    """torchao float8 training for the MLP and head matmuls (the largest ones) where the GPU has FP8."""
+    if mode == "off" or device.type != "cuda":
+        return False
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        if mode == "on":
+            raise SpeedrunError(f"train.fp8=on needs compute capability >= 8.9; "
+                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: set train.fp8=auto")
+        return False
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def wanted(mod, fqn: str) -> bool:
+        return fqn.endswith("mlp.c_fc") or fqn.endswith("mlp.c_proj") or fqn == "lm_head"
+
+    convert_to_float8_training(model, module_filter_fn=wanted,
+                               config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    return True
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
+              flush=True)
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Interrupted(SpeedrunError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Paths:
+    shards: Path
+    checkpoints: Path       # resumable state (DVC persist output)
+    final: Path             # final weights + config for evaluate_val / export_hf
+    metrics: Path           # metrics/train.json
+    live: Path | None       # DVCLive directory (None: no per-step files)
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoints / "latest.pt"
+
+
+class Run:
+    def __init__(self, params: TrainParams, paths: Paths, log=print):
+        self.raw_params = params
+        self.p = effective(params)
+        self.paths = paths
+        self.rank, self.world, local = init_distributed()
+        self.master = self.rank == 0
+        self.log = log if self.master else (lambda *a, **k: None)
+        self.device = pick_device(self.p, local)
+        if self.p.batch_tokens % (self.p.micro_batch_tokens * self.world):
+            raise ParamError(f"train.batch_tokens ({self.p.batch_tokens}) must split evenly into "
+                             f"micro-batches of {self.p.micro_batch_tokens} over {self.world} processes")
+        # foreign shards (llm.c / modded-nanogpt downloads) come without our manifest
+        self.manifest = load_manifest(paths.shards) if (paths.shards / MANIFEST).exists() else {
+            "train": [{"file": q.name} for q in shard_paths(paths.shards, "train")]}
+        self.train_stream = TokenStream(shard_paths(paths.shards, "train"))
+        self.val_stream = TokenStream(shard_paths(paths.shards, "val"))
+        p = self.p
+        need = p.steps * p.batch_tokens + 1
+        if len(self.train_stream) < need:
+            raise SpeedrunError(
+                f"train shards hold {len(self.train_stream):,} tokens but {p.steps} steps of "
+                f"{p.batch_tokens:,} need {need:,}: lower train.steps or download more "
+                f"(download.max_tokens)")
+        if len(self.val_stream) < p.val_tokens + 1:
+            raise SpeedrunError(f"validation shards hold {len(self.val_stream):,} tokens, fewer than "
+                                f"train.val_tokens + 1 ({p.val_tokens + 1:,}): lower train.val_tokens "
+                                f"or raise tokenize.val_tokens")
+        self.fingerprint = fingerprint(p, self.manifest)
+
+    # -- model and optimizers ------------------------------------------------------------
+    def _build(self):
+        p = self.p
+        torch.manual_seed(p.seed)
+        self.cfg = model_config(p)
+        self.model = build_model(self.cfg, self.device)
+        self.fp8 = enable_fp8(self.model, p.fp8, self.device)
+        self.initial_state = copy.deepcopy(self.model.state_dict())
+        self._new_optimizers()
+        self.fwd = torch.compile(self.model, dynamic=False) if p.compile else self.model
+
+    def _new_optimizers(self):
+        p = self.p
+        self.adam, self.muon = build_optimizers(
+            param_groups(self.model), muon_lr=p.muon_lr, muon_momentum=p.muon_momentum_start,
+            ns_steps=p.muon_ns_steps, embed_lr=p.embed_lr, head_lr=p.head_lr, scalar_lr=p.scalar_lr,
+            betas=(p.adam_beta1, p.adam_beta2), fused=self.device.type == "cuda", compile=p.compile)
+        self.optimizers = (self.adam, self.muon)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- one optimizer step -----------------------------------------------------------------
+    def train_step(self, step: int, batches, window: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        n_micro = p.batch_tokens // p.micro_batch_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in batches:
+            loss = self.fwd(x, y, window) / n_micro
+            loss.backward()
+            loss_sum += loss.detach()
+        if self.world > 1:
+            grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+            handles = [dist.all_reduce(g, async_op=True) for g in grads]  # sum of 1/n_micro shares
+            dist.all_reduce(loss_sum)
+            for h in handles:
+                h.wait()
+        set_lr(self.optimizers, lr_multiplier(step, p.steps, p.cooldown_frac, p.final_lr_frac))
+        self.muon.param_groups[0]["momentum"] = muon_momentum(
+            step, p.muon_momentum_warmup, p.muon_momentum_start, p.muon_momentum_end)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def window_tensor(self, step: int) -> torch.Tensor:
+        p = self.p
+        wb = window_blocks(step, p.steps, p.window_start, p.window_end)
+        self._window.fill_(wb)  # in place: same tensor every step, a value change never recompiles
+        return self._window
+
+    # -- warm-up: compile everything on dummy tokens, then forget it ---------------------------
+    def warmup(self) -> float:
+        p = self.p
+        t0 = time.perf_counter()
+        if p.warmup_steps == 0:
+            return 0.0
+        g = torch.Generator().manual_seed(0)
+        n_local = len(range(self.rank, p.batch_tokens // p.micro_batch_tokens, self.world))
+        for i in range(p.warmup_steps):
+            batches = []
+            for _ in range(n_local):
+                toks = torch.randint(0, 50257, (p.micro_batch_tokens + 1,), generator=g)
+                toks[torch.randint(0, p.micro_batch_tokens, (8,), generator=g)] = EOT_ID
+                toks = toks.to(self.device, torch.int32)
+                batches.append((toks[:-1], toks[1:].long()))
+            # visit both ends of the window schedule: the compiled graph must not care
+            self.train_step(0, batches, self.window_tensor(0 if i % 2 == 0 else p.steps))
+        with torch.no_grad():  # the validation graph (no autograd) compiles separately
+            x, y = batches[0]
+            self.fwd(x, y, self.window_tensor(p.steps))
+        self._sync()
+        # reset: nothing learned during warm-up survives
+        self.model.load_state_dict(self.initial_state)
+        self._new_optimizers()
+        self.model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _finite_or_raise(self, step: int, loss: float | None):
+        bad = loss is not None and not math.isfinite(loss)
+        if not bad:
+            norms = torch._foreach_norm([q.detach() for q in self.model.parameters()])
+            bad = not bool(torch.isfinite(torch.stack(norms)).all())
+        if bad:
+            kept = f"the last good checkpoint {self.paths.latest} is kept" if self.paths.latest.exists() \
+                else "no checkpoint had been written yet"
+            raise SpeedrunError(f"training diverged: loss {loss} (non-finite values) by step {step}; "
+                                f"stopped, {kept}. Lower the learning rates (train.muon_lr, "
+                                f"train.embed_lr, train.head_lr) or check the data")
+
+    def save_checkpoint(self, step: int, progress: dict, last_loss: float | None):
+        self._finite_or_raise(step, last_loss)
+        if not self.master:
+            return
+        state = {
+            "format": ckpt.FORMAT, "fingerprint": self.fingerprint, "step": step,
+            "config": dataclasses.asdict(self.cfg), "model": ckpt.model_state(self.model),
+            "adam": self.adam.state_dict(), "muon": self.muon.state_dict(),
+            "rng": ckpt.rng_state(), "progress": progress,
+        }
+        ckpt.save(self.paths.latest, state)
+
+    def try_resume(self) -> tuple[int, dict] | None:
+        path = self.paths.latest
+        if not path.exists():
+            return None
+        state = ckpt.load(path)
+        if state.get("fingerprint") != self.fingerprint:
+            self.log(f"checkpoint {path} belongs to another configuration or dataset: starting fresh")
+            return None
+        self.model.load_state_dict(state["model"])
+        self.adam.load_state_dict(state["adam"])
+        self.muon.load_state_dict(state["muon"])
+        ckpt.set_rng_state(state["rng"])
+        return int(state["step"]), dict(state["progress"])
+
+    # -- main -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        p = self.p
+        wall0 = time.perf_counter()
+        self._build()
+        self._window = torch.tensor(1, dtype=torch.int32, device=self.device)
+        peak_tflops = measure_bf16_tflops(self.device) if self.master else None
+        compile_s = self.warmup()
+        import torch._dynamo.utils as dyn_utils
+        graphs_after_warmup = dyn_utils.counters["stats"]["unique_graphs"]
+
+        resumed = self.try_resume()
+        start_step, progress = resumed if resumed else (0, {})
+        if resumed:
+            self.log(f"resuming from step {start_step} ({self.paths.latest})")
+        progress.setdefault("train_time_s", 0.0)
+        progress.setdefault("val_time_s", 0.0)
+        progress.setdefault("checkpoint_time_s", 0.0)
+        progress.setdefault("val_history", [])
+        progress.setdefault("target", None)
+        progress.setdefault("peak_tokens_per_s", 0.0)
+        progress.setdefault("compile_time_s", []).append(round(compile_s, 3))
+        progress.setdefault("resumed_at", [])
+        if resumed:
+            progress["resumed_at"].append(start_step)
+
+        live = self._open_live(resumed=resumed is not None)
+        loader = BatchLoader(self.train_stream, p.batch_tokens, p.micro_batch_tokens,
+                             self.rank, self.world, self.device)
+        clock = Stopwatch(progress["train_time_s"], sync=self._sync)
+        stop = StopRequest()
+        n_params = matmul_params(self.model)
+        mean_window = (p.window_start + p.window_end) / 2 * (sum(
+            1.0 if lw else 0.5 for lw in self.model.long_window) / p.n_layer)
+        flops_tok = flops_per_token(self.cfg, n_params, mean_window)
+        self.log(f"model: {sum(q.numel() for q in self.model.parameters()) / 1e6:.1f}M parameters "
+                 f"({n_params / 1e6:.1f}M in matmuls) | device {device_name(self.device)} x{self.world} "
+                 f"| fp8 {'on' if self.fp8 else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
+        self._last_report = None
+        pending = None           # (step, loss tensor, tokens/s estimate) logged one step late: no stall
+        last_loss = None
+        interval = (time.perf_counter(), start_step, clock.peek())
+        try:
+            clock.start()
+            for step in range(start_step, p.steps + 1):
+                last = step == p.steps
+                if pending is not None:
+                    last_loss = self._report(pending, clock, live, flops_tok, peak_tflops)
+                    pending = None
+                if last or (p.val_every and step % p.val_every == 0 and step > start_step):
+                    clock.stop()
+                    # peak tokens/s over a whole validation interval (steady, includes no val time)
+                    _, s0, c0 = interval
+                    if step > s0 and clock.total > c0:
+                        rate = (step - s0) * p.batch_tokens / (clock.total - c0)
+                        progress["peak_tokens_per_s"] = max(progress["peak_tokens_per_s"], rate)
+                    self._validate(step, progress, clock, live)
+                    interval = (time.perf_counter(), step, clock.total)
+                    clock.start()
+                save_due = last or (p.ckpt_every and step % p.ckpt_every == 0 and step > start_step)
+                if stop.signum is not None or self._peer_stop(stop):
+                    clock.stop()
+                    progress["train_time_s"] = clock.total
+                    self.save_checkpoint(step, progress, last_loss)
+                    raise Interrupted(f"interrupted at step {step}: checkpoint saved to {self.paths.latest}; "
+                                      f"run `dvc repro` again to resume", 130)
+                if save_due:
+                    clock.stop()
+                    t = time.perf_counter()
+                    progress["train_time_s"] = clock.total
+                    self.save_checkpoint(step, progress, last_loss)
+                    progress["checkpoint_time_s"] += time.perf_counter() - t
+                    clock.start()
+                if last:
+                    break
+                window = self.window_tensor(step)
+                loss = self.train_step(step, loader.get(step), window)
+                pending = (step, loss, time.perf_counter())
+            clock.stop()
+        except torch.cuda.OutOfMemoryError:
+            raise SpeedrunError(
+                f"GPU out of memory on {device_name(self.device)}: lower train.micro_batch_tokens "
+                f"(now {p.micro_batch_tokens}; batch_tokens stays, more accumulation steps) or set "
+                f"train.fp8=auto/on") from None
+        finally:
+            stop.restore()
+        progress["train_time_s"] = clock.total
+        recompiles = dyn_utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
+        metrics = self._finish(progress, wall0, compile_s, recompiles, peak_tflops, flops_tok)
+        if live is not None:
+            live.end()
+        if self.world > 1:
+            dist.barrier()
+        return metrics
+
+    def _peer_stop(self, stop: StopRequest) -> bool:
+        """With several processes, all must stop at the same step (else collectives hang)."""
+        if self.world == 1:
+            return False
+        flag = torch.tensor([1 if stop.signum is not None else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _report(self, pending, clock, live, flops_tok, peak_tflops) -> float:
+        p = self.p
+        step, loss_t, t_launch = pending
+        loss = loss_t.item()   # the step before the one just queued: already done, no stall
+        if not math.isfinite(loss):
+            self._finite_or_raise(step, loss)
+        now = time.perf_counter()
+        dt = now - self._last_report if self._last_report is not None else None
+        self._last_report = now
+        done = step + 1
+        elapsed = clock.peek()
+        tok_s = p.batch_tokens / dt if dt else float("nan")
+        eta = (p.steps - done) * dt if dt else float("nan")
+        lr = self.optimizers[1].param_groups[0]["lr"] / self.optimizers[1].param_groups[0]["base_lr"]
+        wb = window_blocks(step, p.steps, p.window_start, p.window_end) * BLOCK_SIZE
+        self.log(f"step {done:5d}/{p.steps} | loss {loss:.4f} | "
+                 f"{(dt or 0) * 1e3:7.1f} ms | {fmt_rate(tok_s) if dt else '   -  '} tok/s | "
+                 f"window {wb:4d} | lr x{lr:.3f} | train {fmt_duration(elapsed)} | "
+                 f"ETA {fmt_duration(eta) if dt else '-'}", flush=True)
+        if live is not None:
+            live.step = done
+            live.log_metric("train/loss", loss)
+            live.log_metric("train/lr_multiplier", lr)
+            live.log_metric("train/tokens", done * p.batch_tokens)
+            live.log_metric("train/seconds", round(elapsed, 3))
+            if dt:
+                live.log_metric("train/tokens_per_s", round(tok_s, 1))
+        return loss
+
+    def _validate(self, step: int, progress: dict, clock: Stopwatch, live):
+        p = self.p
+        t = time.perf_counter()
+        wb = torch.tensor(window_blocks(step, p.steps, p.window_start, p.window_end),
+                          dtype=torch.int32, device=self.device)
+        self._window.copy_(wb)
+        val = evaluate_loss(self.fwd, self.val_stream, p.val_tokens, p.micro_batch_tokens,
+                            self._window, self.device, self.rank, self.world)
+        took = time.perf_counter() - t
+        progress["val_time_s"] += took
+        tokens = step * p.batch_tokens
+        entry = {"step": step, "tokens": tokens, "train_time_s": round(clock.total, 3),
+                 "val_loss": round(val, 5)}
+        progress["val_history"].append(entry)
+        hit = ""
+        if progress["target"] is None and val <= p.target_val_loss:
+            progress["target"] = {"step": step, "tokens": tokens, "train_time_s": clock.total}
+            hit = f"  <- target {p.target_val_loss} reached"
+        self.log(f"step {step:5d}/{p.steps} | val_loss {val:.4f} | train_time {clock.total:.1f}s | "
+                 f"tokens {tokens:,} | val took {took:.1f}s{hit}", flush=True)
+        if live is not None:
+            live.step = step
+            live.log_metric("val/loss", val)
+            live.log_metric("val/tokens", tokens)
+            live.log_metric("val/seconds", round(clock.total, 3))
+
+    def _open_live(self, resumed: bool):
+        if not self.master or self.paths.live is None:
+            return None
+        from dvclive import Live
+
+        return Live(dir=str(self.paths.live), dvcyaml=False, resume=resumed, save_dvc_exp=False,
+                    report=None)
+
+    def _finish(self, progress, wall0, compile_s, recompiles, peak_tflops, flops_tok) -> dict:
+        p = self.p
+        tokens = p.steps * p.batch_tokens
+        train_s = progress["train_time_s"]
+        tok_s = tokens / train_s if train_s > 0 else 0.0
+        mem_alloc, mem_reserved = peak_memory_gib(self.device)
+        target = progress["target"]
+        final_val = progress["val_history"][-1]["val_loss"] if progress["val_history"] else None
+        dataset = self.manifest.get("source") or self.manifest.get("dataset") or "unknown"
+        metrics = {
+            "dataset": dataset,
+            "target": p.target_val_loss,
+            "reached_target": target is not None,
+            "time_to_target_s": round(target["train_time_s"], 3) if target else None,
+            "tokens_to_target": target["tokens"] if target else None,
+            "step_to_target": target["step"] if target else None,
+            "final_val_loss": final_val,
+            "steps": p.steps,
+            "tokens": tokens,
+            "train_time_s": round(train_s, 3),
+            "compile_time_s": round(sum(progress["compile_time_s"]), 3),
+            "val_time_s": round(progress["val_time_s"], 3),
+            "checkpoint_time_s": round(progress["checkpoint_time_s"], 3),
+            "wall_time_s": round(time.perf_counter() - wall0, 3),
+            "tokens_per_s": round(tok_s, 1),
+            "peak_tokens_per_s": round(max(progress["peak_tokens_per_s"], 0.0), 1),
+            "tokens_per_s_per_gpu": round(tok_s / self.world, 1),
+            "mfu": round(flops_tok * tok_s / self.world / (peak_tflops * 1e12), 4) if peak_tflops else None,
+            "matmul_peak_tflops": round(peak_tflops, 1) if peak_tflops else None,
+            "peak_memory_gib": round(mem_alloc, 3) if mem_alloc is not None else None,
+            "peak_memory_reserved_gib": round(mem_reserved, 3) if mem_reserved is not None else None,
+            "gpu": device_name(self.device),
+            "world_size": self.world,
+            "profile": p.profile,
+            "fp8": self.fp8,
+            "compile": p.compile,
+            "recompiles_after_warmup": int(recompiles),
+            "resumed_at_steps": progress["resumed_at"],
+            "torch_version": torch.__version__,
+            "seed": p.seed,
+            "git_commit": git_commit(),
+        }
+        if self.master:
+            from .atomic import write_json
+
+            write_json(self.paths.metrics, metrics)
+            final = ckpt.final_model_state(self.model, {
+                "step": p.steps, "val_loss": final_val, "window_blocks": window_blocks(
+                    p.steps, p.steps, p.window_start, p.window_end),
+                "val_tokens": p.val_tokens, "micro_batch_tokens": p.micro_batch_tokens,
+                "fingerprint": self.fingerprint})
+            ckpt.save(self.paths.final, final)
+            verdict = (f"reached {p.target_val_loss} in {metrics['time_to_target_s']:.1f}s of training "
+                       f"({metrics['tokens_to_target']:,} tokens)" if target else
+                       f"did NOT reach {p.target_val_loss} (final val_loss {final_val})")
+            self.log(f"done: {verdict} | {fmt_rate(tok_s)} tok/s | compile {metrics['compile_time_s']:.1f}s"
+                     f" | peak memory {metrics['peak_memory_gib']} GiB")
+        return metrics

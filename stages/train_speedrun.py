@@ -1,0 +1,31 @@
+"""DVC stage train_speedrun: params.yaml[train] + data/shards -> models/, metrics/train.json.
+
+Runs unchanged under `torchrun --standalone --nproc_per_node=N -m stages.train_speedrun`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from speedrun.errors import stage_main
+from speedrun.params import load_section
+from speedrun.train import Paths, Run, TrainParams
+
+
+@stage_main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default="data/shards")
+    ap.add_argument("--models", default="models")
+    ap.add_argument("--metrics", default="metrics")
+    args = ap.parse_args(argv)
+    params = load_section("train", TrainParams, args.params)
+    models, metrics = Path(args.models), Path(args.metrics)
+    Run(params, Paths(shards=Path(args.shards), checkpoints=models / "checkpoints",
+                      final=models / "final.pt", metrics=metrics / "train.json",
+                      live=metrics / "dvclive")).run()
+
+
+if __name__ == "__main__":
+    main()
