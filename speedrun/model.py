@@ -24,6 +24,10 @@ BLOCK_SIZE = 128        # FlexAttention block size; windows and sequence lengths
 ATTN_SCALE = 0.12       # fixed softmax scale with QK-norm (modded-nanogpt; ~1/sqrt(head_dim) is too soft)
 SMEAR_GATE_DIMS = 12    # the smear gate reads this many leading embedding dims
 
+# FlexAttention must always run compiled: its eager fallback materialises the full score matrix
+# and ignores the BlockMask's block sparsity, i.e. it would silently drop the sliding window.
+_flex_attention = torch.compile(flex_attention, dynamic=False)
+
 
 @dataclasses.dataclass
 class GPTConfig:
@@ -107,7 +111,7 @@ class CausalSelfAttention(nn.Module):
             v = v + self.lambdas[1] * ve.view_as(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(block_mask, BlockMask):
-            y = flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE)
+            y = _flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE)
         else:  # dense bool mask of the same pattern: CPU (FlexAttention has no CPU backward)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)

@@ -117,6 +117,17 @@ def fingerprint(p: TrainParams, manifest: dict) -> str:
 
 # ----------------------------------------------------------------------------- setup helpers
 
+def dataset_name(manifest: dict) -> str:
+    """'HuggingFaceFW/fineweb-edu', or 'local:train.jsonl.xz' for local files."""
+    src = manifest.get("source")
+    if isinstance(src, dict):
+        if src.get("dataset"):
+            return str(src["dataset"])
+        globs = src.get("local_globs") or []
+        return "local:" + ",".join(Path(g).name for g in globs) if globs else str(src.get("source"))
+    return str(src or manifest.get("dataset") or "unknown")
+
+
 def init_distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -509,8 +520,11 @@ class Run:
     def _open_live(self, resumed: bool):
         if not self.master or self.paths.live is None:
             return None
-        from dvclive import Live
-
+        try:
+            from dvclive import Live
+        except ImportError:  # e.g. a bare GPU box: train anyway, say what is missing
+            self.log("dvclive is not installed: per-step curves are not written (pip install dvclive)")
+            return None
         return Live(dir=str(self.paths.live), dvcyaml=False, resume=resumed, save_dvc_exp=False,
                     report=None)
 
@@ -522,7 +536,7 @@ class Run:
         mem_alloc, mem_reserved = peak_memory_gib(self.device)
         target = progress["target"]
         final_val = progress["val_history"][-1]["val_loss"] if progress["val_history"] else None
-        dataset = self.manifest.get("source") or self.manifest.get("dataset") or "unknown"
+        dataset = dataset_name(self.manifest)
         metrics = {
             "dataset": dataset,
             "target": p.target_val_loss,

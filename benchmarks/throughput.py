@@ -1,0 +1,178 @@
+"""Throughput benchmark: tokens/s of the training step across the attention-window schedule.
+
+    python -m benchmarks.throughput [--variants default,bf16] [--steps 20] [--out FILE]
+
+Each variant runs in its own process (clean memory peak and compile timing) through the real
+trainer (`speedrun.train.Run`: model, FP8, compiled model and Muon, loader over memory-mapped
+shards) on synthetic shards (random ids with a document break every ~600 tokens). Per variant:
+compile + warm-up seconds (untimed in a real run), tokens/s at the first, middle and last window
+of the schedule, their schedule-weighted mean (Simpson's rule over the linear window ramp),
+MFU against the bf16 matmul rate measured in the same process, peak memory, and the number of
+graphs compiled after warm-up (must be 0).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# name -> overrides of params.yaml's train section
+VARIANTS = {
+    "default": {},
+    "bf16": {"fp8": "off"},                       # our trainer without FP8
+    "micro32k": {"micro_batch_tokens": 32768},    # fewer, larger micro-batches
+    "micro8k": {"micro_batch_tokens": 8192},
+}
+
+
+def synthetic_shards(root: Path, train_tokens: int, val_tokens: int) -> Path:
+    from speedrun.atomic import write_json
+    from speedrun.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    out = root / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        toks = rng.integers(0, 50257, n, dtype=np.uint16)
+        toks[rng.random(n) < 1 / 600] = 50256
+        write_shard(out / f"{split}_000000.bin", toks)
+        entries[split] = [{"file": f"{split}_000000.bin", "tokens": int(n)}]
+    write_json(out / "manifest.json", {**entries, "source": "synthetic"})
+    return out
+
+
+def measure_variant(name: str, overrides: dict, steps_per_window: int, params_path: str) -> dict:
+    import torch
+    import torch._dynamo.utils as dyn_utils
+
+    from speedrun.metrics import measure_bf16_tflops
+    from speedrun.model import flops_per_token, matmul_params
+    from speedrun.params import load_section
+    from speedrun.schedule import window_blocks
+    from speedrun.train import Paths, Run, TrainParams, effective
+
+    base = load_section("train", TrainParams, params_path)
+    p = dataclasses.replace(base, **overrides)
+    settle = 3
+    n_steps = 3 * (settle + steps_per_window)
+    tmp = Path(tempfile.mkdtemp())
+    shards = synthetic_shards(tmp, (n_steps + 2) * p.batch_tokens + 1, p.val_tokens + 1)
+    run = Run(p, Paths(shards, tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None))
+    device = run.device
+    torch.cuda.reset_peak_memory_stats(device)
+    peak_tflops = measure_bf16_tflops(device)
+    t0 = time.perf_counter()
+    run._build()
+    run._window = torch.tensor(1, dtype=torch.int32, device=device)
+    warmup_s = run.warmup()
+    graphs = dyn_utils.counters["stats"]["unique_graphs"]
+    from speedrun.loader import BatchLoader
+
+    loader = BatchLoader(run.train_stream, p.batch_tokens, p.micro_batch_tokens, 0, 1, device)
+    ep = effective(p)
+    phases = {"start": 0, "middle": ep.steps // 2, "end": ep.steps}
+    data_step = 0
+    result = {"variant": name, "overrides": overrides, "compile_warmup_s": round(warmup_s, 2),
+              "build_s": round(time.perf_counter() - t0 - warmup_s, 2)}
+    rates = {}
+    for phase, sched_step in phases.items():
+        window = run.window_tensor(sched_step)
+        for _ in range(settle):
+            run.train_step(sched_step, loader.get(data_step), window)
+            data_step += 1
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(steps_per_window):
+            run.train_step(sched_step, loader.get(data_step), window)
+            data_step += 1
+        torch.cuda.synchronize(device)
+        dt = (time.perf_counter() - t) / steps_per_window
+        rates[phase] = p.batch_tokens / dt
+        result[f"window_{phase}"] = window_blocks(sched_step, ep.steps, ep.window_start, ep.window_end) * 128
+        result[f"step_ms_{phase}"] = round(dt * 1e3, 2)
+        result[f"tokens_per_s_{phase}"] = round(rates[phase], 1)
+    # the window grows linearly with the step: average the step TIME over the ramp (Simpson)
+    mean_step = (p.batch_tokens / rates["start"] + 4 * p.batch_tokens / rates["middle"]
+                 + p.batch_tokens / rates["end"]) / 6
+    mean_rate = p.batch_tokens / mean_step
+    mean_window = (ep.window_start + ep.window_end) / 2 * (
+        sum(1.0 if lw else 0.5 for lw in run.model.long_window) / ep.n_layer)
+    fpt = flops_per_token(run.cfg, matmul_params(run.model), mean_window)
+    result.update({
+        "tokens_per_s_schedule_mean": round(mean_rate, 1),
+        "flops_per_token": fpt,
+        "bf16_matmul_tflops_measured": round(peak_tflops, 1),
+        "mfu": round(fpt * mean_rate / (peak_tflops * 1e12), 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+        "recompiles_after_warmup": int(dyn_utils.counters["stats"]["unique_graphs"] - graphs),
+        "fp8": run.fp8,
+        "batch_tokens": p.batch_tokens,
+        "micro_batch_tokens": p.micro_batch_tokens,
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+    })
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| variant | tok/s start | tok/s mid | tok/s end | schedule mean | MFU | peak GiB "
+            "| compile s | recompiles |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | error: {r['error'][:60]} |||||||| ")
+            continue
+        lines.append(
+            f"| {r['variant']} | {r['tokens_per_s_start'] / 1e3:.0f}k | {r['tokens_per_s_middle'] / 1e3:.0f}k "
+            f"| {r['tokens_per_s_end'] / 1e3:.0f}k | **{r['tokens_per_s_schedule_mean'] / 1e3:.0f}k** "
+            f"| {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_warmup_s']:.0f} "
+            f"| {r['recompiles_after_warmup']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="default,bf16")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per window phase")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one variant
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_variant(args.one, VARIANTS[args.one], args.steps, args.params)))
+        return
+    rows = []
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--one", name,
+                               "--steps", str(args.steps), "--params", args.params],
+                              capture_output=True, text=True, env=os.environ)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            rows.append({"variant": name, "error": tail[0]})
+            print(proc.stderr[-3000:], file=sys.stderr)
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows[-1]["process_s"] = round(time.perf_counter() - t, 1)
+        print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.out:
+        from speedrun.atomic import write_json
+
+        write_json(args.out, {"benchmark": "throughput", "results": rows})
+
+
+if __name__ == "__main__":
+    main()
