@@ -1,0 +1,221 @@
+"""The speedrun GPT (modded-nanogpt architecture) as a transformers causal LM.
+
+A faithful re-implementation of speedrun/model.py for inference, self-contained so that it runs
+from a Hub folder with trust_remote_code=True. Differences from the training code, none of which
+changes the numbers:
+  * attention runs through SDPA with a dense bool mask built from input_ids (the training code
+    uses FlexAttention block masks on GPU; its CPU path uses the same dense pattern as here);
+  * rotary tables are computed per forward instead of being buffers, so loading never depends
+    on how transformers materialises non-persistent buffers;
+  * any sequence length works: the block-level window is computed as if the sequence were padded
+    to a multiple of 128 tokens, which cannot change earlier positions (causal attention).
+There is no KV cache: generation recomputes the whole sequence every step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configuration_speedrun_gpt import SpeedrunGPTConfig
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def _select_recent(mask: Tensor, limit: Tensor) -> Tensor:
+    """Keep, per query block, the `limit` most recent kv blocks among those set in `mask`."""
+    rank = mask.flip(-1).cumsum(-1).flip(-1)  # 1 = most recent set block, 2 = the one before, ...
+    return mask & (rank <= limit[..., None])
+
+
+def document_window_masks(input_ids: Tensor, window_blocks: int, block_size: int, eot: int,
+                          attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Dense [B, 1, T, T] bool masks (long window, half window) with the training code's semantics.
+
+    Training (speedrun/model.py) lists, per 128-token query block, kv blocks that are "full"
+    (earlier blocks lying wholly inside the query block's single document) and "partial" (the
+    diagonal block and blocks touching a document boundary), most recent first, and visits at most
+    min(full, W - 1) full blocks and min(partial, max(W - full, 1)) partial ones. Inside visited
+    blocks attention is causal and document-local (documents start at each <|endoftext|>).
+    """
+    B, T = input_ids.shape
+    n = -(-T // block_size)
+    # pad with a non-EOT id: the last block's document range, hence the block pattern, is unchanged
+    ids = F.pad(input_ids, (0, n * block_size - T), value=0)
+    docs = (ids == eot).cumsum(-1)                         # [B, n*bs] document index per token
+    lo = docs.view(B, n, block_size)[..., 0]
+    hi = docs.view(B, n, block_size)[..., -1]
+    blk = torch.arange(n, device=ids.device)
+    causal_any = blk[:, None] >= blk
+    causal_all = blk[:, None] > blk
+    doc_any = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    doc_all = (lo[:, :, None] == hi[:, None, :]) & (lo[:, None, :] == hi[:, :, None])
+    full = causal_all & doc_all                             # [B, q_block, kv_block]
+    partial = causal_any & doc_any & ~full
+    full_n = full.sum(-1)
+
+    docs = docs[:, :T]
+    pos = torch.arange(T, device=ids.device)
+    token_rule = (pos[:, None] >= pos) & (docs[:, :, None] == docs[:, None, :])  # [B, T, T]
+    if attention_mask is not None:  # padded keys are never attended to
+        token_rule = token_rule & attention_mask[:, None, :].bool()
+    # a padded query still sees itself, so SDPA never meets an all-masked row (NaN)
+    token_rule = token_rule | torch.eye(T, dtype=torch.bool, device=ids.device)
+
+    def expand(wb: int) -> Tensor:
+        w = torch.tensor(wb, device=ids.device)
+        blocks = (_select_recent(full, torch.clamp(w - 1, min=0).expand_as(full_n))
+                  | _select_recent(partial, torch.clamp(w - full_n, min=1)))
+        dense = blocks.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :T, :T]
+        return (dense & token_rule)[:, None]
+
+    return expand(window_blocks), expand(max(window_blocks // 2, 1))
+
+
+class CastedLinear(nn.Linear):
+    """Linear without bias whose weight is cast to the activation dtype (as in training)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
+def rotary(x_BTHD: Tensor) -> Tensor:
+    """Half-truncated RoPE (base 1024): half the head dims rotate, the other half carry no position."""
+    T, D = x_BTHD.size(-3), x_BTHD.size(-1)
+    freq = (1 / 1024) ** torch.linspace(0, 1, steps=D // 4, dtype=torch.float32, device=x_BTHD.device)
+    freq = torch.cat([freq, freq.new_zeros(D // 4)])
+    theta = torch.outer(torch.arange(T, dtype=torch.float32, device=x_BTHD.device), freq)
+    cos, sin = theta.cos()[None, :, None, :], theta.sin()[None, :, None, :]
+    x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x_BTHD)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: SpeedrunGPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.scale = cfg.n_head, cfg.head_dim, cfg.attn_scale
+        hdim = cfg.n_head * cfg.head_dim
+        self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim))
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        self.c_proj = CastedLinear(hdim, cfg.model_dim)
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask: Tensor) -> Tensor:
+        B, T = x.size(0), x.size(1)
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
+        q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
+        q, k = rotary(norm(q)), rotary(norm(k))
+        v = self.lambdas[0] * v
+        if ve is not None:
+            v = v + self.lambdas[1] * ve.view_as(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, 4 * dim)
+        self.c_proj = CastedLinear(4 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SpeedrunGPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg) if layer != cfg.no_attn_layer else None
+        self.mlp = MLP(cfg.model_dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: Tensor) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
+
+
+class SpeedrunGPTPreTrainedModel(PreTrainedModel):
+    config_class = SpeedrunGPTConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        # only for weights a checkpoint does not provide (e.g. from_config); training has its own init
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+
+class SpeedrunGPTForCausalLM(SpeedrunGPTPreTrainedModel, GenerationMixin):
+    """Parameter names equal those of speedrun.model.GPT: the training state dict loads unchanged."""
+
+    def __init__(self, config: SpeedrunGPTConfig):
+        super().__init__(config)
+        cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
+        self.smear_gate = CastedLinear(cfg.smear_gate_dims, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size)
+        # long window on layers 0, 4, ... of each half (mirrored), half window elsewhere
+        half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
+        self.long_window = half + half[::-1]
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        long_mask, short_mask = document_window_masks(input_ids, cfg.window_blocks, cfg.block_size,
+                                                      cfg.eot_token_id, attention_mask)
+        x = self.embed(input_ids)
+        # smear gate: add a gated copy of the previous token's embedding (never across documents)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :cfg.smear_gate_dims]))
+        gate = gate * (input_ids[:, 1:, None] != cfg.eot_token_id)
+        x = torch.cat([x[:, :1], x[:, 1:] + gate.type_as(x) * x[:, :-1]], dim=1)
+        x = x0 = norm(x)
+        ve = [emb(input_ids) for emb in self.value_embeds]
+        ve = ve + [None] * (cfg.n_layer - 2 * len(ve)) + ve
+        skips, half = [], cfg.n_layer // 2
+        for i, block in enumerate(self.blocks):
+            if i >= half:  # decoder half: add the mirrored encoder output (U-net)
+                x = x + self.skip_weights[i - half] * skips.pop()
+            x = block(x, ve[i], x0, long_mask if self.long_window[i] else short_mask)
+            if i < half:
+                skips.append(x)
+        return norm(x)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, **kwargs) -> CausalLMOutput:
+        if input_ids is None:
+            raise ValueError("SpeedrunGPTForCausalLM needs input_ids (the masks derive from them)")
+        cap = self.config.logit_cap
+        logits = self.lm_head(self.hidden_states(input_ids, attention_mask)).float()
+        logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if labels is not None:  # the usual HF convention: labels are inputs, shifted here
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # no cache: the full sequence goes through the model at every step
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
