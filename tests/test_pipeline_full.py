@@ -1,0 +1,53 @@
+"""End to end: all five stages with `dvc repro`, then a second experiment, in a throw-away repo on CPU."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import run_dvc
+
+TRAIN = {"profile": "cpu-tiny", "steps": 4, "val_every": 2, "val_tokens": 1024, "ckpt_every": 0}
+EVALUATE = {"val_tokens": 1024, "micro_batch_tokens": 256, "device": "cpu"}
+
+
+@pytest.mark.slow
+def test_full_pipeline_and_a_second_experiment(pipeline_repo):
+    repo = pipeline_repo
+    repo.set_params("train", **TRAIN)
+    repo.set_params("evaluate", **EVALUATE)
+    repo.commit("tiny CPU run")
+
+    proc = run_dvc(repo, "repro", timeout=600)
+    for stage in ("download", "tokenize_shards", "train_speedrun", "evaluate_val", "export_hf"):
+        assert f"Running stage '{stage}'" in proc.stdout, proc.stdout
+    train = json.loads((repo.path / "metrics/train.json").read_text())
+    ev = json.loads((repo.path / "metrics/eval.json").read_text())
+    assert abs(ev["val_loss"] - train["final_val_loss"]) < 1e-3  # evaluate_val reproduces the trainer
+    assert (repo.path / "metrics/val_curve.png").read_bytes()[:4] == b"\x89PNG"
+    hf = repo.path / "models/hf"
+    assert {"model.safetensors", "config.json", "README.md", "vocab.json", "merges.txt"} <= {
+        p.name for p in hf.iterdir()}
+    assert "Data and pipelines are up to date" in run_dvc(repo, "status").stdout
+    repo.commit("baseline run")
+
+    # a second experiment: a different learning rate changes training and everything after it
+    proc = run_dvc(repo, "exp", "run", "-n", "lower-lr", "-S", "train.muon_lr=0.02", timeout=600)
+    assert "Running stage 'train_speedrun'" in proc.stdout
+    assert "Running stage 'download'" not in proc.stdout  # data stages are cached
+
+    diff = run_dvc(repo, "params", "diff").stdout
+    assert "train.muon_lr" in diff and "0.05" in diff and "0.02" in diff
+    shown = run_dvc(repo, "metrics", "show").stdout
+    assert "metrics/eval.json" in shown and "metrics/train.json" in shown and "val_loss" in shown
+    mdiff = run_dvc(repo, "metrics", "diff").stdout  # baseline vs the experiment, side by side
+    assert "final_val_loss" in mdiff and "metrics/eval.json" in mdiff
+
+    board = repo.run(sys.executable, "-m", "stages.leaderboard", "--plot", "metrics/leaderboard.png").stdout
+    print(board)
+    rows = [line.split(" | ") for line in board.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [r[1] for r in rows[1:]]
+    assert "lower-lr" in names and len(names) == 2  # the baseline commit and the experiment
+    assert any("train.muon_lr=0.02" in r[2] for r in rows[1:])
+    assert (repo.path / "metrics/leaderboard.png").read_bytes()[:4] == b"\x89PNG"
