@@ -115,7 +115,7 @@ def _fmt(v, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def model_card(p: ExportParams, train: dict, ev: dict, config) -> str:
+def model_card(p: ExportParams, train: dict, ev: dict, config, n_params: int) -> str:
     """README.md: YAML metadata (license, datasets, model-index results) and the run's numbers."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -163,7 +163,7 @@ def model_card(p: ExportParams, train: dict, ev: dict, config) -> str:
 
 # {name}
 
-A GPT-2 (124M class) language model trained by a single-GPU speedrun: the modded-nanogpt
+A {n_params / 1e6:.1f}M-parameter GPT language model from the GPT-2 (124M) speedrun: the modded-nanogpt
 architecture (rotary embeddings, QK-norm, ReLU² MLP, value embeddings, U-net skips, smear gate,
 soft-capped logits) trained with Muon + Adam on `{dataset}`.
 
@@ -189,7 +189,7 @@ tok = AutoTokenizer.from_pretrained("{p.repo_id or 'path/to/models/hf'}", trust_
 model = AutoModelForCausalLM.from_pretrained("{p.repo_id or 'path/to/models/hf'}", trust_remote_code=True)
 # every training document started with <|endoftext|>: prepend it to a prompt
 ids = torch.tensor([[tok.eos_token_id] + tok("The river")["input_ids"]])
-out = model.generate(ids, max_new_tokens=40, do_sample=False)
+out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
 print(tok.decode(out[0, 1:]))
 ```
 
@@ -245,7 +245,8 @@ def export_folder(final: Path, train_metrics: Path, eval_metrics: Path, out: Pat
         for name in CODE_FILES:
             shutil.copyfile(HF_CODE_DIR / name, tmp / name)
         write_tokenizer(tmp)
-        (tmp / "README.md").write_text(model_card(p, train, ev, config))
+        n_params = sum(w.numel() for w in weights.values())
+        (tmp / "README.md").write_text(model_card(p, train, ev, config, n_params))
         _finish_tree(tmp)
         # swap: the old folder moves aside, the new one takes its name, the old one goes
         old = None
