@@ -50,6 +50,10 @@ def synthetic_shards(root: Path, train_tokens: int, val_tokens: int) -> Path:
     return out
 
 
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def measure_variant(name: str, overrides: dict, steps_per_window: int, params_path: str) -> dict:
     import torch
     import torch._dynamo.utils as dyn_utils
@@ -66,14 +70,16 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     n_steps = 3 * (settle + steps_per_window)
     tmp = Path(tempfile.mkdtemp())
     shards = synthetic_shards(tmp, (n_steps + 2) * p.batch_tokens + 1, p.val_tokens + 1)
-    run = Run(p, Paths(shards, tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None))
+    run = Run(p, Paths(shards, tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
+              log=lambda msg, **_: progress(msg))
     device = run.device
-    torch.cuda.reset_peak_memory_stats(device)
     peak_tflops = measure_bf16_tflops(device)
     t0 = time.perf_counter()
     run._build()
     run._window = torch.tensor(1, dtype=torch.int32, device=device)
+    progress(f"{name}: built in {time.perf_counter() - t0:.1f}s, compiling (warm-up)")
     warmup_s = run.warmup()
+    progress(f"{name}: warm-up {warmup_s:.1f}s")
     graphs = dyn_utils.counters["stats"]["unique_graphs"]
     from speedrun.loader import BatchLoader
 
@@ -96,6 +102,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
             data_step += 1
         torch.cuda.synchronize(device)
         dt = (time.perf_counter() - t) / steps_per_window
+        progress(f"{name}: {phase} window: {dt * 1e3:.1f} ms/step")
         rates[phase] = p.batch_tokens / dt
         result[f"window_{phase}"] = window_blocks(sched_step, ep.steps, ep.window_start, ep.window_end) * 128
         result[f"step_ms_{phase}"] = round(dt * 1e3, 2)
@@ -158,11 +165,9 @@ def main() -> None:
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--one", name,
                                "--steps", str(args.steps), "--params", args.params],
-                              capture_output=True, text=True, env=os.environ)
+                              stdout=subprocess.PIPE, text=True, env=os.environ)  # stderr streams through
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-            rows.append({"variant": name, "error": tail[0]})
-            print(proc.stderr[-3000:], file=sys.stderr)
+            rows.append({"variant": name, "error": f"exit code {proc.returncode} (see the log above)"})
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         rows[-1]["process_s"] = round(time.perf_counter() - t, 1)

@@ -250,10 +250,13 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         return cap * torch.tanh(logits / cap)
 
+    def loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        logits = self.logits(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.long())
+
     def forward(self, tokens: Tensor, targets: Tensor, window_blocks: Tensor) -> Tensor:
         """Mean cross-entropy of next-token prediction over the flat sequence."""
-        logits = self.logits(self.hidden_states(tokens, window_blocks))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.long())
+        return self.loss(self.hidden_states(tokens, window_blocks), targets)
 
 
 def build_model(cfg: GPTConfig, device: torch.device) -> GPT:

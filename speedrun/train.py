@@ -169,6 +169,18 @@ def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
     return True
 
 
+def compile_regions(model: GPT) -> None:
+    """Compile each transformer block and the head/loss separately (regional compilation).
+
+    The 12 blocks come in three shapes only (with value embeddings, without, without attention),
+    so inductor compiles three block graphs instead of one huge unrolled model graph: the cold
+    compile drops from many minutes to about one, at the cost of fusing across block borders.
+    """
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    model.loss = torch.compile(model.loss, dynamic=False)
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
 
@@ -228,6 +240,10 @@ class Run:
             "train": [{"file": q.name} for q in shard_paths(paths.shards, "train")]}
         self.train_stream = TokenStream(shard_paths(paths.shards, "train"))
         self.val_stream = TokenStream(shard_paths(paths.shards, "val"))
+        self.fingerprint = fingerprint(self.p, self.manifest)
+
+    def check_data(self) -> None:
+        """Enough tokens for every step and the validation, checked before anything compiles."""
         p = self.p
         need = p.steps * p.batch_tokens + 1
         if len(self.train_stream) < need:
@@ -239,7 +255,6 @@ class Run:
             raise SpeedrunError(f"validation shards hold {len(self.val_stream):,} tokens, fewer than "
                                 f"train.val_tokens + 1 ({p.val_tokens + 1:,}): lower train.val_tokens "
                                 f"or raise tokenize.val_tokens")
-        self.fingerprint = fingerprint(p, self.manifest)
 
     # -- model and optimizers ------------------------------------------------------------
     def _build(self):
@@ -250,7 +265,9 @@ class Run:
         self.fp8 = enable_fp8(self.model, p.fp8, self.device)
         self.initial_state = copy.deepcopy(self.model.state_dict())
         self._new_optimizers()
-        self.fwd = torch.compile(self.model, dynamic=False) if p.compile else self.model
+        if p.compile:
+            compile_regions(self.model)
+        self.fwd = self.model
 
     def _new_optimizers(self):
         p = self.p
@@ -302,6 +319,7 @@ class Run:
         g = torch.Generator().manual_seed(0)
         n_local = len(range(self.rank, p.batch_tokens // p.micro_batch_tokens, self.world))
         for i in range(p.warmup_steps):
+            self.log(f"warm-up step {i + 1}/{p.warmup_steps} ({time.perf_counter() - t0:.1f}s)", flush=True)
             batches = []
             for _ in range(n_local):
                 toks = torch.randint(0, 50257, (p.micro_batch_tokens + 1,), generator=g)
@@ -363,6 +381,7 @@ class Run:
     def run(self) -> dict:
         p = self.p
         wall0 = time.perf_counter()
+        self.check_data()
         self._build()
         self._window = torch.tensor(1, dtype=torch.int32, device=self.device)
         peak_tflops = measure_bf16_tflops(self.device) if self.master else None
