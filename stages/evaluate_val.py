@@ -24,7 +24,7 @@ from speedrun.model import BLOCK_SIZE
 from speedrun.params import load_section, load_yaml, param, parse_section
 from speedrun.plots import plot_curves, read_curve
 from speedrun.shards import MANIFEST, load_manifest, shard_paths
-from speedrun.train import TrainParams
+from speedrun.train import TrainParams, compile_regions
 
 
 def _multiple_of_block(v) -> str | None:
@@ -87,7 +87,8 @@ def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None,
     state = dict(state, config={**state["config"], "max_seq_len": max(
         int(state["config"].get("max_seq_len", 0)), p.micro_batch_tokens)})
     model = ckpt.model_from_checkpoint(state, device, str(final)).eval()
-    fwd = torch.compile(model, dynamic=False) if device.type == "cuda" and p.compile else model
+    if device.type == "cuda" and p.compile:
+        compile_regions(model)  # the trainer's compiled regions: same kernels, a short cold compile
 
     stream = TokenStream(shard_paths(shards, "val"))
     if len(stream) < p.val_tokens + 1:
@@ -97,7 +98,7 @@ def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None,
     window = torch.tensor(int(state["window_blocks"]), dtype=torch.int32, device=device)
 
     t0 = time.perf_counter()
-    loss = evaluate_loss(fwd, stream, p.val_tokens, p.micro_batch_tokens, window, device)
+    loss = evaluate_loss(model, stream, p.val_tokens, p.micro_batch_tokens, window, device)
     runtime = time.perf_counter() - t0  # .item() inside synchronised the device
     same_setup = (p.val_tokens == state.get("val_tokens")
                   and p.micro_batch_tokens == state.get("micro_batch_tokens"))
