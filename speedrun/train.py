@@ -40,6 +40,7 @@ def _multiple_of_block(v) -> str | None:
 @dataclasses.dataclass
 class TrainParams:
     profile: str = param("gpu", choices=["gpu", "cpu-tiny"])
+    nproc: int = param(1, ge=1, le=8)
     seed: int = param(1337, ge=0)
     vocab_size: int = param(50304, ge=50257)
     n_layer: int = param(12, ge=2, check=lambda v: None if v % 2 == 0 else "must be even")
@@ -94,7 +95,7 @@ CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, 
                 compile=False, fp8="off", warmup_steps=0)
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
-RUN_CONTROL_KEYS = {"val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8"}
+RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8"}
 
 
 def effective(p: TrainParams) -> TrainParams:
@@ -465,6 +466,7 @@ class Run:
         finally:
             stop.restore()
         progress["train_time_s"] = clock.total
+        self.val_history = progress["val_history"]
         recompiles = dyn_utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
         metrics = self._finish(progress, wall0, compile_s, recompiles, peak_tflops, flops_tok)
         if live is not None:

@@ -1,0 +1,118 @@
+"""Learning benchmark: recipe variants trained for the same budget on real text, compared in one call.
+
+    python -m benchmarks.prepare_imdb                       # once, on any machine (CPU is fine)
+    python -m benchmarks.learning --variants default,bf16,cap15 [--steps 200] [--out FILE]
+
+Every variant runs the real trainer (`speedrun.train.Run`) in its own process on the IMDB shards
+(train split for training, the corpus's own val split held out), with the same steps and batch,
+and reports validation loss at equal tokens (the common budget) and at equal seconds (each
+curve interpolated at the shortest run's training time). Losses on movie reviews are not
+comparable with the FineWeb 3.28 target: compare variants with each other only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# name -> overrides of params.yaml's train section (on top of the benchmark's budget)
+VARIANTS = {
+    "default": {},
+    "bf16": {"fp8": "off"},
+    "cap15": {"logit_cap": 15.0},
+    "cooldown60": {"cooldown_frac": 0.6},
+    "muon_lr04": {"muon_lr": 0.04},
+}
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_variant(name: str, args) -> dict:
+    from speedrun.params import load_section
+    from speedrun.train import Paths, Run, TrainParams
+
+    base = load_section("train", TrainParams, args.params)
+    budget = dict(steps=args.steps, batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_tokens,
+                  val_tokens=args.val_tokens, val_every=max(1, args.steps // args.evals), ckpt_every=0,
+                  muon_momentum_warmup=min(base.muon_momentum_warmup, args.steps // 2))
+    p = dataclasses.replace(base, **budget, **VARIANTS[name])
+    tmp = Path(tempfile.mkdtemp())
+    run = Run(p, Paths(Path(args.shards), tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
+              log=lambda msg, **_: progress(f"{name}: {msg}"))
+    metrics = run.run()
+    return {"variant": name, "overrides": VARIANTS[name], "budget": budget, "metrics": metrics,
+            "val_history": run.val_history}
+
+
+def interp_at_seconds(history: list[dict], seconds: float) -> float:
+    t = [h["train_time_s"] for h in history]
+    v = [h["val_loss"] for h in history]
+    return float(np.interp(seconds, t, v))
+
+
+def summarize(rows: list[dict]) -> tuple[list[dict], str]:
+    ok = [r for r in rows if "val_history" in r]
+    if not ok:
+        return [], "no variant finished"
+    t_common = min(r["val_history"][-1]["train_time_s"] for r in ok)
+    out, lines = [], [f"| variant | val loss @ {ok[0]['val_history'][-1]['tokens']:,} tokens "
+                      f"| val loss @ {t_common:.1f} s | train s | tok/s | compile s |",
+                      "|---|---|---|---|---|---|"]
+    for r in ok:
+        m = r["metrics"]
+        at_s = interp_at_seconds(r["val_history"], t_common)
+        out.append({"variant": r["variant"], "val_loss_equal_tokens": m["final_val_loss"],
+                    "val_loss_equal_seconds": round(at_s, 4), "seconds_common": round(t_common, 2)})
+        lines.append(f"| {r['variant']} | {m['final_val_loss']:.4f} | {at_s:.4f} | {m['train_time_s']:.1f} "
+                     f"| {m['tokens_per_s'] / 1e3:.0f}k | {m['compile_time_s']:.0f} |")
+    return out, "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="default,bf16")
+    ap.add_argument("--shards", default=".corpus/imdb/shards")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-tokens", type=int, default=131072)
+    ap.add_argument("--micro-tokens", type=int, default=16384)
+    ap.add_argument("--val-tokens", type=int, default=1048576)
+    ap.add_argument("--evals", type=int, default=8, help="validations per run")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_variant(args.one, args)))
+        return
+    rows = []
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        cmd = [sys.executable, "-m", "benchmarks.learning", "--one", name] + [
+            a for k, v in vars(args).items() if k not in ("one", "variants", "out")
+            for a in (f"--{k.replace('_', '-')}", str(v))]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                    else {"variant": name, "error": f"exit code {proc.returncode} (see the log above)"})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "val_history"}), flush=True)
+    summary, text = summarize(rows)
+    print(text)
+    if args.out:
+        from speedrun.atomic import write_json
+
+        write_json(args.out, {"benchmark": "learning", "corpus": args.shards, "results": rows,
+                              "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
