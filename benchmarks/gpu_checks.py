@@ -63,7 +63,8 @@ def check_fp8(steps: int = 30) -> dict:
     from speedrun.optimizer import build_optimizers
 
     res = {}
-    p = dataclasses.replace(TrainParams(), n_layer=4, micro_batch_tokens=8192)
+    p = dataclasses.replace(TrainParams(), n_layer=4, value_embeds=2, no_attn_layer=-1,
+                            micro_batch_tokens=8192)
     g = torch.Generator().manual_seed(1)
     # a learnable stream: repeated random "documents"
     base = torch.randint(0, 50257, (8192 * 4,), generator=g)

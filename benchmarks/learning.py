@@ -26,7 +26,7 @@ import numpy as np
 # name -> overrides of params.yaml's train section (on top of the benchmark's budget)
 VARIANTS = {
     "default": {},
-    "bf16": {"fp8": "off"},
+    "fp8": {"fp8": "on"},
     "cap15": {"logit_cap": 15.0},
     "cooldown60": {"cooldown_frac": 0.6},
     "muon_lr04": {"muon_lr": 0.04},
@@ -80,7 +80,7 @@ def summarize(rows: list[dict]) -> tuple[list[dict], str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="default,bf16")
+    ap.add_argument("--variants", default="default,fp8")
     ap.add_argument("--shards", default=".corpus/imdb/shards")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=200)

@@ -27,8 +27,9 @@ import numpy as np
 # name -> overrides of params.yaml's train section
 VARIANTS = {
     "default": {},
-    "bf16": {"fp8": "off"},                       # our trainer without FP8
+    "fp8": {"fp8": "on"},                         # torchao float8 on MLP and head
     "micro32k": {"micro_batch_tokens": 32768},    # fewer, larger micro-batches
+    "fp8_micro32k": {"fp8": "on", "micro_batch_tokens": 32768},
     "micro8k": {"micro_batch_tokens": 8192},
 }
 
@@ -149,7 +150,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="default,bf16")
+    ap.add_argument("--variants", default="default,micro32k")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per window phase")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=None, help="JSON results file")

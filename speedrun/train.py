@@ -72,7 +72,7 @@ class TrainParams:
     target_val_loss: float = param(3.28, gt=0)
     ckpt_every: int = param(200, ge=0)
     compile: bool = param(True)
-    fp8: str = param("auto", choices=["auto", "on", "off"])
+    fp8: str = param("off", choices=["auto", "on", "off"])
     warmup_steps: int = param(3, ge=0)
 
     def validate(self) -> None:
