@@ -73,6 +73,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise ParamError(f"params.yaml: {key} must be a number (got {value!r})")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 (and `dvc exp run -S k=off`) read on/off as booleans
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ParamError(f"params.yaml: {key} must be a string (got {value!r})")
         return value
