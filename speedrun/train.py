@@ -51,7 +51,7 @@ class TrainParams:
     no_attn_layer: int = param(7, ge=-1)
     logit_cap: float = param(30.0, gt=0)
     batch_tokens: int = param(524288, ge=BLOCK_SIZE)
-    micro_batch_tokens: int = param(16384, ge=BLOCK_SIZE, check=_multiple_of_block)
+    micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=_multiple_of_block)
     steps: int = param(1400, ge=1)
     window_start: int = param(256, ge=BLOCK_SIZE, check=_multiple_of_block)
     window_end: int = param(1792, ge=BLOCK_SIZE, check=_multiple_of_block)
