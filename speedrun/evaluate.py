@@ -5,11 +5,23 @@ model, the tokens and the window are the same.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint as ckpt
+from .errors import DataError, ParamError, SpeedrunError
 from .loader import TokenStream, validation_chunks
+from .model import BLOCK_SIZE
+from .params import load_yaml, multiple_of, param, parse_section
+from .shards import MANIFEST, load_manifest, shard_paths
 
 
 @torch.no_grad()
@@ -34,3 +46,108 @@ def evaluate_loss(model, stream: TokenStream, n_tokens: int, micro_tokens: int,
         dist.all_reduce(total)
         dist.all_reduce(count)
     return (total / count).item()
+
+
+# ----------------------------------------------------------------------------- the stage's work
+
+
+@dataclasses.dataclass
+class EvaluateParams:
+    val_tokens: int = param(10485760, ge=BLOCK_SIZE)
+    micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
+    device: str = param("auto", choices=["auto", "cpu", "cuda"])
+    compile: bool = param(True)
+
+    def validate(self) -> None:
+        if self.val_tokens % self.micro_batch_tokens:
+            raise ParamError(f"params.yaml: evaluate.val_tokens ({self.val_tokens}) must be a multiple "
+                             f"of evaluate.micro_batch_tokens ({self.micro_batch_tokens})")
+
+
+def pick_device(name: str) -> torch.device:
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # under torchrun: this process's GPU
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpeedrunError("evaluate.device=cuda but no CUDA GPU found: set evaluate.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name, local) if name == "cuda" else torch.device(name)
+
+
+def bits_per_byte(loss: float, n: int, manifest: dict | None) -> dict:
+    """bpb = loss/ln2 * tokens/bytes. Evaluating n tokens predicts val tokens 1..n; the first val
+    token is a document's <|endoftext|>, which has no text bytes, so n = val_tokens - 1 covers all
+    of val_text_bytes exactly. Fewer tokens get their bytes pro rata (marked as an estimate)."""
+    total = (manifest or {}).get("val_tokens")
+    text_bytes = (manifest or {}).get("val_text_bytes")
+    if not total or total < 2 or not text_bytes:
+        return {"bits_per_byte": None,
+                "bits_per_byte_note": "shards manifest lacks val_tokens/val_text_bytes"}
+    covered = min(n / (total - 1), 1.0)
+    n_bytes = text_bytes * covered
+    return {"bits_per_byte": round(loss / math.log(2) * n / n_bytes, 6),
+            "bytes_evaluated": round(n_bytes), "bytes_estimated_pro_rata": covered < 1.0,
+            "val_split_tokens": total}
+
+
+def target_loss(params_path: Path, train_json: Path) -> float | None:
+    """train.target_val_loss from params.yaml (what the run is judged by now), else the run's own."""
+    from .train import TrainParams
+
+    raw = load_yaml(params_path)
+    if "train" in raw:
+        return parse_section(raw, "train", TrainParams).target_val_loss
+    try:
+        return json.loads(train_json.read_text()).get("target")
+    except (OSError, ValueError):
+        return None
+
+
+def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None, log=print,
+             rank: int = 0, world: int = 1) -> dict:
+    from .train import compile_regions
+
+    state = ckpt.load(final)
+    device = pick_device(p.device)
+    # rotary tables are sized to the trainer's micro-batch; they are not weights, so a longer
+    # evaluation micro-batch only needs a longer table (same values for the shared positions)
+    state = dict(state, config={**state["config"], "max_seq_len": max(
+        int(state["config"].get("max_seq_len", 0)), p.micro_batch_tokens)})
+    model = ckpt.model_from_checkpoint(state, device, str(final)).eval()
+    if device.type == "cuda" and p.compile:
+        compile_regions(model)  # the trainer's compiled regions: same kernels, a short cold compile
+
+    stream = TokenStream(shard_paths(shards, "val"))
+    if len(stream) < p.val_tokens + 1:
+        raise DataError(f"validation shards in {shards} hold {len(stream):,} tokens, fewer than "
+                        f"evaluate.val_tokens + 1 ({p.val_tokens + 1:,}): lower evaluate.val_tokens")
+    manifest = load_manifest(shards) if (shards / MANIFEST).exists() else None
+    window = torch.tensor(int(state["window_blocks"]), dtype=torch.int32, device=device)
+
+    t0 = time.perf_counter()
+    loss = evaluate_loss(model, stream, p.val_tokens, p.micro_batch_tokens, window, device, rank, world)
+    runtime = time.perf_counter() - t0  # .item() inside synchronised the device
+    same_setup = (p.val_tokens == state.get("val_tokens")
+                  and p.micro_batch_tokens == state.get("micro_batch_tokens"))
+    metrics = {
+        "val_loss": round(loss, 6),
+        "perplexity": round(math.exp(loss), 4) if loss < 700 else None,
+        "tokens_evaluated": p.val_tokens,
+        **bits_per_byte(loss, p.val_tokens, manifest),
+        "target_val_loss": target,
+        "meets_target": None if target is None else bool(loss <= target),
+        "runtime_s": round(runtime, 3),
+        "tokens_per_s": round(p.val_tokens / runtime, 1) if runtime > 0 else None,
+        "window_tokens": int(state["window_blocks"]) * BLOCK_SIZE,
+        "micro_batch_tokens": p.micro_batch_tokens,
+        "step": state.get("step"),
+        # the trainer's last validation, and whether it used the same tokens and chunking (then
+        # both numbers must agree: a mismatch means the checkpoint or data changed)
+        "train_final_val_loss": state.get("val_loss"),
+        "same_setup_as_training": same_setup,
+        "device": device.type,
+    }
+    verdict = "" if target is None else (" <= " if metrics["meets_target"] else " > ") + f"target {target}"
+    log(f"val_loss {loss:.4f}{verdict} | perplexity {metrics['perplexity']} | "
+        f"bits/byte {metrics['bits_per_byte']} | {p.val_tokens:,} tokens in {runtime:.1f}s on {device.type}"
+        + (f" | trainer's last validation {state.get('val_loss')}" if same_setup else ""))
+    return metrics

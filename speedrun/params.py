@@ -28,6 +28,11 @@ def param(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None,
     return dataclasses.field(default=default, metadata=meta)
 
 
+def multiple_of(n: int) -> Callable[[Any], str | None]:
+    """A `check=` for param(): the value must be a multiple of n."""
+    return lambda v: None if v % n == 0 else f"must be a multiple of {n}"
+
+
 def load_yaml(path: str | Path = DEFAULT_PATH) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -28,13 +28,10 @@ from .metrics import (Stopwatch, device_name, fmt_duration, fmt_rate, git_commit
                       measure_bf16_tflops, peak_memory_gib)
 from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
 from .optimizer import build_optimizers, set_lr
-from .params import param
+from .params import multiple_of, param
 from .schedule import lr_multiplier, muon_momentum, window_blocks
 from .shards import MANIFEST, load_manifest, shard_paths
 
-
-def _multiple_of_block(v) -> str | None:
-    return None if v % BLOCK_SIZE == 0 else f"must be a multiple of {BLOCK_SIZE}"
 
 
 @dataclasses.dataclass
@@ -51,10 +48,10 @@ class TrainParams:
     no_attn_layer: int = param(7, ge=-1)
     logit_cap: float = param(30.0, gt=0)
     batch_tokens: int = param(524288, ge=BLOCK_SIZE)
-    micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=_multiple_of_block)
+    micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
     steps: int = param(1400, ge=1)
-    window_start: int = param(256, ge=BLOCK_SIZE, check=_multiple_of_block)
-    window_end: int = param(1792, ge=BLOCK_SIZE, check=_multiple_of_block)
+    window_start: int = param(256, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
+    window_end: int = param(1792, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
     muon_lr: float = param(0.05, gt=0)
     muon_momentum_start: float = param(0.85, ge=0, lt=1)
     muon_momentum_end: float = param(0.95, ge=0, lt=1)

@@ -144,7 +144,7 @@ def test_eval_meets_target_and_longer_micro_batch(tiny_run, tmp_path, capsys):
 
 
 def test_bits_per_byte_full_split_is_exact():
-    from stages.evaluate_val import bits_per_byte
+    from speedrun.evaluate import bits_per_byte
 
     # all predictions of a 1001-token split (the first token is a byte-less <|endoftext|>)
     r = bits_per_byte(2.0, 1000, {"val_tokens": 1001, "val_text_bytes": 4000})
