@@ -78,6 +78,17 @@ def summarize(rows: list[dict]) -> tuple[list[dict], str]:
     return out, "\n".join(lines)
 
 
+def plot(rows: list[dict], out: str) -> str:
+    """Overlay the variants' validation curves (loss vs training seconds and vs tokens)."""
+    from speedrun.plots import Curve, plot_curves
+
+    curves = [Curve(r["variant"], [h["step"] for h in r["val_history"]],
+                    [h["val_loss"] for h in r["val_history"]],
+                    [h["train_time_s"] for h in r["val_history"]],
+                    [h["tokens"] for h in r["val_history"]]) for r in rows if "val_history" in r]
+    return str(plot_curves(curves, out, target=None, title="IMDB learning benchmark (same budget)"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="default,fp8")
@@ -89,17 +100,22 @@ def main() -> None:
     ap.add_argument("--val-tokens", type=int, default=1048576)
     ap.add_argument("--evals", type=int, default=8, help="validations per run")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of the overlaid validation curves")
+    ap.add_argument("--replot", default=None, help="only draw --plot from an earlier --out JSON")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_variant(args.one, args)))
+        return
+    if args.replot:
+        print(plot(json.loads(Path(args.replot).read_text())["results"], args.plot))
         return
     rows = []
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         cmd = [sys.executable, "-m", "benchmarks.learning", "--one", name] + [
-            a for k, v in vars(args).items() if k not in ("one", "variants", "out")
+            a for k, v in vars(args).items() if k not in ("one", "variants", "out", "plot", "replot")
             for a in (f"--{k.replace('_', '-')}", str(v))]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
@@ -107,6 +123,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "val_history"}), flush=True)
     summary, text = summarize(rows)
     print(text)
+    if args.plot:
+        plot(rows, args.plot)
     if args.out:
         from speedrun.atomic import write_json
 
