@@ -182,16 +182,23 @@ def compile_regions(model: GPT) -> None:
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
 
+    REPEAT_GRACE_S = 10.0
+
     def __init__(self):
         self.signum = None
+        self._first = 0.0
         self._old = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is not None:
+            # Ctrl-C under `dvc repro` reaches us as SIGINT from the terminal and SIGTERM from
+            # torchrun at once: one request. Only a signal after the grace period aborts unsaved.
+            if time.monotonic() - self._first > self.REPEAT_GRACE_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first = signum, time.monotonic()
         print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
               flush=True)
 
