@@ -135,7 +135,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, block_mask: BlockMask | Tensor) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, block_mask: BlockMask | Tensor,
+                skip: Tensor | None = None, skip_weight: Tensor | None = None) -> Tensor:
+        if skip is not None:  # U-net skip, added here so it fuses into the compiled block
+            x = x + skip_weight * skip
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, block_mask)
@@ -228,22 +231,27 @@ class GPT(nn.Module):
         long_bm, short_bm = document_window_masks(tokens, window_blocks)
         if not tokens.is_cuda:
             long_bm, short_bm = dense_mask(long_bm, tokens), dense_mask(short_bm, tokens)
+        x = x0 = self.embed_inputs(tokens)
+        ve = self.value_embed_per_layer(tokens)
+        skips = []
+        half = self.cfg.n_layer // 2
+        for i, block in enumerate(self.blocks):
+            mask = long_bm if self.long_window[i] else short_bm
+            if i < half:
+                x = block(x, ve[i], x0, mask)
+                skips.append(x)
+            else:  # decoder half: the mirrored encoder output joins through a learned weight
+                x = block(x, ve[i], x0, mask, skips.pop(), self.skip_weights[i - half])
+        return norm(x)
+
+    def embed_inputs(self, tokens: Tensor) -> Tensor:
+        """Token embedding, smear gate, norm: x0 [1, T, dim], the input of every block."""
         x = self.embed(tokens)
         # smear gate: add a gated copy of the previous token's embedding (not across documents)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[1:, :SMEAR_GATE_DIMS]))
         gate = gate * (tokens[1:, None] != EOT_ID)
         x = torch.cat([x[:1], x[1:] + gate.type_as(x) * x[:-1]])
-        x = x0 = norm(x[None])
-        ve = self.value_embed_per_layer(tokens)
-        skips = []
-        half = self.cfg.n_layer // 2
-        for i, block in enumerate(self.blocks):
-            if i >= half:  # decoder half: add the mirrored encoder output
-                x = x + self.skip_weights[i - half] * skips.pop()
-            x = block(x, ve[i], x0, long_bm if self.long_window[i] else short_bm)
-            if i < half:
-                skips.append(x)
-        return norm(x)
+        return norm(x[None])
 
     def logits(self, x: Tensor) -> Tensor:
         cap = self.cfg.logit_cap
