@@ -1,0 +1,101 @@
+"""Attention masks: causal, inside one document (token 50256 starts a document), inside the window.
+
+The CPU path (dense_mask, also used by exported models) is checked against a token-level reference
+built independently here; the model itself is checked by perturbing tokens it must not see.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speedrun.model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, dense_mask, document_window_masks
+
+T = 4 * BLOCK_SIZE
+
+
+def _tokens(eot_positions, seed=0) -> torch.Tensor:
+    toks = torch.randint(0, 50000, (T,), generator=torch.Generator().manual_seed(seed))
+    toks[list(eot_positions)] = EOT_ID
+    return toks
+
+
+def _reference(tokens: torch.Tensor, window_blocks: int) -> torch.Tensor:
+    """allowed[i, j]: j <= i, same document, and j's block within the last `window_blocks` blocks."""
+    docs = torch.cumsum(tokens == EOT_ID, 0)
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    return (j <= i) & (docs[:, None] == docs[None, :]) & (j // BLOCK_SIZE > i // BLOCK_SIZE - window_blocks)
+
+
+# document layouts: one document; borders inside blocks; a border exactly on a block start;
+# a document of one token; EOT at the very start of every block
+LAYOUTS = [[], [0, 100, 300], [0, 128, 129, 400], [5, 6, 7, 250, 383, 384], [0, 128, 256, 384]]
+
+
+@pytest.mark.parametrize("eots", LAYOUTS)
+@pytest.mark.parametrize("wb", [1, 2, 3, 4, 6])
+def test_dense_mask_is_causal_document_local_windowed(eots, wb):
+    tokens = _tokens(eots)
+    long_bm, short_bm = document_window_masks(tokens, torch.tensor(wb, dtype=torch.int32))
+    for bm, w in ((long_bm, wb), (short_bm, max(wb // 2, 1))):
+        got = dense_mask(bm, tokens)
+        assert got.shape == (T, T) and got.dtype == torch.bool
+        want = _reference(tokens, w)
+        bad = (got != want).nonzero()
+        assert len(bad) == 0, f"window {w}: {len(bad)} wrong entries, first (q, kv) = {bad[:5].tolist()}"
+        assert got.diagonal().all()  # every token sees itself: no empty softmax row
+
+
+def _random_model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1,
+                          no_attn_layer=-1, max_seq_len=T))
+    with torch.no_grad():  # zero-initialised projections and gates would hide any leak
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_model_does_not_see_the_future_other_documents_or_beyond_the_window():
+    model = _random_model()
+    eots = [0, 200, 300]
+    tokens = _tokens(eots, seed=1)
+    wb = torch.tensor(2, dtype=torch.int32)
+    base = model.hidden_states(tokens, wb)[0]
+
+    def changed(pos: int) -> torch.Tensor:
+        t = tokens.clone()
+        t[pos] = (t[pos] + 17) % 50000
+        diff = (model.hidden_states(t, wb)[0] - base).abs().amax(dim=-1)
+        return diff > 1e-5
+
+    # causal: a change at 250 moves nothing before it, but does move later tokens of its document
+    d = changed(250)
+    assert not d[:250].any() and d[250] and d[251:300].any()
+    # document-local: token 250 is in document [200, 300): tokens from 300 on do not see it
+    assert not d[300:].any()
+    # a change in the first document is invisible to the others
+    d = changed(150)
+    assert not d[200:].any() and d[150:200].any()
+    # window: 2 blocks for layer 0 and 1 (both long-window layers here); token 511 (block 3) sees
+    # blocks 2..3 only. Its document starts at 300 (block 2): change token 310 (block 2) -> seen;
+    # shrink the window to 1 block -> not seen (the smear gate only reaches the previous token)
+    assert changed(310)[511]
+    wb.fill_(1)
+    base = model.hidden_states(tokens, wb)[0]
+    assert not changed(310)[511] and changed(390)[511]
+
+
+@torch.no_grad()
+def test_eot_starts_a_document_and_blocks_the_smear_gate():
+    """The EOT token belongs to the document it starts: it sees nothing before it, even the
+    previous token through the smear gate."""
+    model = _random_model()
+    tokens = _tokens([0, 200], seed=2)
+    wb = torch.tensor(4, dtype=torch.int32)
+    base = model.hidden_states(tokens, wb)[0]
+    t = tokens.clone()
+    t[199] = (t[199] + 5) % 50000
+    diff = (model.hidden_states(t, wb)[0] - base).abs().amax(dim=-1)
+    assert diff[199] > 1e-5 and not (diff[200:] > 1e-5).any()
