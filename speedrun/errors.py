@@ -25,8 +25,9 @@ def stage_main(fn):
         try:
             return fn(*args, **kwargs)
         except SpeedrunError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            code = getattr(e, "exit_code", 2)  # 130 for a run stopped by a signal after saving
+            print(f"{'interrupted' if code == 130 else 'error'}: {e}", file=sys.stderr)
+            raise SystemExit(code) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None

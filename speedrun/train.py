@@ -167,6 +167,19 @@ def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
     return True
 
 
+def truncate_live_logs(live_dir: Path, step: int) -> None:
+    """Drop DVCLive rows past `step`: after a crash they were logged but not checkpointed, and the
+    resumed run logs those steps again. Train rows carry the step just done (<= step is kept);
+    a validation row at `step` itself was taken before the checkpoint, so it stays too."""
+    for tsv in Path(live_dir).glob("plots/metrics/**/*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t", 1)[0]) <= step]
+        if len(kept) != len(lines):
+            from .atomic import write_text
+
+            write_text(tsv, "".join(kept))
+
+
 def compile_regions(model: GPT) -> None:
     """Compile each transformer block and the head/loss separately (regional compilation).
 
@@ -235,10 +248,14 @@ class Run:
         self.raw_params = params
         self.p = effective(params)
         self.paths = paths
+        replaced = [k for k, v in CPU_TINY.items() if params.profile == "cpu-tiny"
+                    and getattr(params, k) != v and getattr(params, k) != getattr(TrainParams(), k)]
         self.rank, self.world, local = init_distributed()
         self.master = self.rank == 0
         self.log = log if self.master else (lambda *a, **k: None)
         self.device = pick_device(self.p, local)
+        if replaced:
+            self.log(f"profile cpu-tiny replaces train.{', train.'.join(replaced)} with its own values")
         if self.p.batch_tokens % (self.p.micro_batch_tokens * self.world):
             raise ParamError(f"train.batch_tokens ({self.p.batch_tokens}) must split evenly into "
                              f"micro-batches of {self.p.micro_batch_tokens} over {self.world} processes")
@@ -354,7 +371,9 @@ class Run:
         if bad:
             kept = f"the last good checkpoint {self.paths.latest} is kept" if self.paths.latest.exists() \
                 else "no checkpoint had been written yet"
-            raise SpeedrunError(f"training diverged: loss {loss} (non-finite values) by step {step}; "
+            what = f"loss {loss}" if loss is not None and not math.isfinite(loss) else \
+                f"non-finite weights (last loss {loss})"
+            raise SpeedrunError(f"training diverged: {what} by step {step}; "
                                 f"stopped, {kept}. Lower the learning rates (train.muon_lr, "
                                 f"train.embed_lr, train.head_lr) or check the data")
 
@@ -398,6 +417,7 @@ class Run:
 
         resumed = self.try_resume()
         start_step, progress = resumed if resumed else (0, {})
+        self._resumed_step = start_step
         if resumed:
             self.log(f"resuming from step {start_step} ({self.paths.latest})")
         progress.setdefault("train_time_s", 0.0)
@@ -410,6 +430,10 @@ class Run:
         progress.setdefault("resumed_at", [])
         if resumed:
             progress["resumed_at"].append(start_step)
+            # target_val_loss is a run-control key: judge the restored history by today's target
+            hit = next((h for h in progress["val_history"] if h["val_loss"] <= p.target_val_loss), None)
+            progress["target"] = ({"step": hit["step"], "tokens": hit["tokens"],
+                                   "train_time_s": hit["train_time_s"]} if hit else None)
 
         live = self._open_live(resumed=resumed is not None)
         loader = BatchLoader(self.train_stream, p.batch_tokens, p.micro_batch_tokens,
@@ -434,7 +458,9 @@ class Run:
                 if pending is not None:
                     last_loss = self._report(pending, clock, live, flops_tok, peak_tflops)
                     pending = None
-                if last or (p.val_every and step % p.val_every == 0 and step > start_step):
+                history = progress["val_history"]
+                already = bool(history) and history[-1]["step"] == step  # resumed at a validated step
+                if not already and (last or (p.val_every and step % p.val_every == 0 and step > start_step)):
                     clock.stop()
                     # peak tokens/s over a whole validation interval (steady, includes no val time)
                     _, s0, c0 = interval
@@ -449,7 +475,7 @@ class Run:
                     clock.stop()
                     progress["train_time_s"] = clock.total
                     self.save_checkpoint(step, progress, last_loss)
-                    raise Interrupted(f"interrupted at step {step}: checkpoint saved to {self.paths.latest}; "
+                    raise Interrupted(f"stopped at step {step}, checkpoint saved to {self.paths.latest}; "
                                       f"run `dvc repro` again to resume", 130)
                 if save_due:
                     clock.stop()
@@ -552,6 +578,8 @@ class Run:
         except ImportError:  # e.g. a bare GPU box: train anyway, say what is missing
             self.log("dvclive is not installed: per-step curves are not written (pip install dvclive)")
             return None
+        if resumed:
+            truncate_live_logs(self.paths.live, self._resumed_step)
         return Live(dir=str(self.paths.live), dvcyaml=False, resume=resumed, save_dvc_exp=False,
                     report=None)
 

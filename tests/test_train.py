@@ -163,7 +163,7 @@ def test_interrupt_writes_checkpoint_and_exits_with_one_line(resume_runs):
         assert code != 0, out + err
         assert out.count("saving a checkpoint") == 1, out   # one request, however many signals
         assert f"signal {sigs[0].name}: saving a checkpoint" in out, out
-        message = f"error: interrupted at step {stop}: checkpoint saved to "
+        message = f"interrupted: stopped at step {stop}, checkpoint saved to "
         lines = _error_lines(err)
         if how == "torchrun":  # torchrun adds its own warnings and traceback around the worker's line
             assert any(ln.startswith(message) for ln in lines), err
@@ -327,8 +327,6 @@ def test_run_control_keys_resume_without_retraining(retargeted):
     assert m["target"] == 20.0 and m["reached_target"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a resume restores progress['target'] computed for the "
-                   "old target_val_loss (a run-control key) instead of re-deriving it from val_history")
 def test_resume_with_another_target_recomputes_time_to_target(retargeted):
     """target_val_loss may change without invalidating the checkpoint, so the first validation at
     or below the NEW target must be taken from the restored val_history: step 1 (~10.7 < 20)."""
@@ -336,9 +334,6 @@ def test_resume_with_another_target_recomputes_time_to_target(retargeted):
     assert m["step_to_target"] == 1, m
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a run resumed at its last step (a finished run re-run "
-                   "after a run-control change, or one interrupted at the last step) validates that "
-                   "step again: val_history and DVCLive's val/loss get a duplicate entry")
 def test_resume_at_the_last_step_does_not_validate_twice(retargeted):
     root, _, _ = retargeted
     assert [s for s, _ in _live(root, "val/loss")] == [1, 2]
@@ -454,8 +449,6 @@ def test_not_enough_validation_tokens(tmp_path, shards, capsys):
     assert "train.val_tokens" in line and "tokenize.val_tokens" in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stage_main prints Interrupted as an error and exits 2; "
-                   "Interrupted.exit_code (130) is never used")
 def test_interrupted_stage_exits_130(monkeypatch, capsys, tmp_path):
     from stages.train_speedrun import main
 
@@ -496,9 +489,6 @@ def test_metrics_have_every_key_and_a_reached_target(resume_runs):
 
 # ----------------------------------------------------------------------------- crash (no signal)
 
-@pytest.mark.xfail(strict=True, reason="BUG: after a crash (SIGKILL, OOM kill, power loss) the run "
-                   "resumes from the last periodic checkpoint but DVCLive keeps the rows logged after "
-                   "it, so the resumed loss curve repeats steps")
 def test_resume_after_crash_does_not_repeat_steps(tmp_path, shards, monkeypatch):
     """The process dies after logging step 2, before its step-2 checkpoint (as a SIGKILL would)."""
     real_save = Run.save_checkpoint
