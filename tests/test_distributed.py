@@ -66,6 +66,22 @@ def test_two_processes_match_one(tmp_path):
     assert abs(m1["final_val_loss"] - m2["final_val_loss"]) < 5e-3, (m1["final_val_loss"], m2["final_val_loss"])
     print(f"1 process: {one}\n2 processes: {two}")
 
+    # evaluate_val under torchrun: 2 ranks split the validation tokens of the same checkpoint
+    evals = {}
+    for nproc in (1, 2):
+        params = tmp_path / f"eval-{nproc}.yaml"
+        params.write_text(yaml.safe_dump({"train": {"profile": "cpu-tiny"},
+                                          "evaluate": {"val_tokens": 1024, "micro_batch_tokens": 256}}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "stages.evaluate_val", "--params", str(params), "--shards", str(shards),
+               "--models", str(tmp_path / "one/models"), "--metrics", str(tmp_path / f"eval{nproc}")]
+        env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        evals[nproc] = json.loads((tmp_path / f"eval{nproc}/eval.json").read_text())["val_loss"]
+    assert abs(evals[1] - m1["final_val_loss"]) < 1e-4      # the trainer's last validation
+    assert abs(evals[2] - evals[1]) < 1e-5, evals            # same tokens, summed across ranks
+
 
 def test_ranks_split_each_step_disjointly(tmp_path):
     """Per step, the ranks' micro-batches are disjoint and together equal the 1-process batch."""
