@@ -22,7 +22,7 @@ import yaml
 from test_evaluate import clone_run, tiny_run  # noqa: F401 (fixture)
 from test_export import exported  # noqa: F401 (fixture)
 
-TOKEN = "hf_standinSECRET0123456789abcdefXYZ"
+TOKEN = "hf_standin-SECRET-0123456789-abcdefXYZ"  # not a real token; a unique string to look for
 PROJECT = Path(__file__).resolve().parents[1]
 
 
