@@ -49,8 +49,9 @@ def set_rng_state(st: dict) -> None:
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """State dict without compile/fp8 wrappers' prefixes; fp8 layers keep plain `weight` names."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """State dict without compile/fp8 wrappers' prefixes; fp8 layers keep plain `weight` names.
+    No copies: torch.save writes the live tensors, so a save needs no extra GPU memory."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def final_model_state(model: GPT, extra: dict) -> dict:

@@ -245,7 +245,6 @@ class Paths:
 
 class Run:
     def __init__(self, params: TrainParams, paths: Paths, log=print):
-        self.raw_params = params
         self.p = effective(params)
         self.paths = paths
         replaced = [k for k, v in CPU_TINY.items() if params.profile == "cpu-tiny"
@@ -448,27 +447,27 @@ class Run:
                  f"({n_params / 1e6:.1f}M in matmuls) | device {device_name(self.device)} x{self.world} "
                  f"| fp8 {'on' if self.fp8 else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
         self._last_report = None
-        pending = None           # (step, loss tensor, tokens/s estimate) logged one step late: no stall
+        pending = None           # (step, loss tensor), logged one step late: no stall
         last_loss = None
-        interval = (time.perf_counter(), start_step, clock.peek())
+        interval = (start_step, clock.peek())   # (step, training seconds) at the last validation
         try:
             clock.start()
             for step in range(start_step, p.steps + 1):
                 last = step == p.steps
                 if pending is not None:
-                    last_loss = self._report(pending, clock, live, flops_tok, peak_tflops)
+                    last_loss = self._report(pending, clock, live)
                     pending = None
                 history = progress["val_history"]
                 already = bool(history) and history[-1]["step"] == step  # resumed at a validated step
                 if not already and (last or (p.val_every and step % p.val_every == 0 and step > start_step)):
                     clock.stop()
                     # peak tokens/s over a whole validation interval (steady, includes no val time)
-                    _, s0, c0 = interval
+                    s0, c0 = interval
                     if step > s0 and clock.total > c0:
                         rate = (step - s0) * p.batch_tokens / (clock.total - c0)
                         progress["peak_tokens_per_s"] = max(progress["peak_tokens_per_s"], rate)
                     self._validate(step, progress, clock, live)
-                    interval = (time.perf_counter(), step, clock.total)
+                    interval = (step, clock.total)
                     clock.start()
                 save_due = last or (p.ckpt_every and step % p.ckpt_every == 0 and step > start_step)
                 if stop.signum is not None or self._peer_stop(stop):
@@ -488,7 +487,7 @@ class Run:
                     break
                 window = self.window_tensor(step)
                 loss = self.train_step(step, loader.get(step), window)
-                pending = (step, loss, time.perf_counter())
+                pending = (step, loss)
             clock.stop()
         except torch.cuda.OutOfMemoryError:
             raise SpeedrunError(
@@ -515,9 +514,9 @@ class Run:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _report(self, pending, clock, live, flops_tok, peak_tflops) -> float:
+    def _report(self, pending, clock, live) -> float:
         p = self.p
-        step, loss_t, t_launch = pending
+        step, loss_t = pending
         loss = loss_t.item()   # the step before the one just queued: already done, no stall
         if not math.isfinite(loss):
             self._finite_or_raise(step, loss)

@@ -16,7 +16,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 import yaml
 
 from test_evaluate import clone_run, tiny_run  # noqa: F401 (fixture)
