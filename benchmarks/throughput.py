@@ -24,13 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-# name -> overrides of params.yaml's train section
+# name -> overrides of params.yaml's train section; "flex" sets FlexAttention kernel_options
 VARIANTS = {
     "default": {},
-    "fp8": {"fp8": "on"},                         # torchao float8 on MLP and head
-    "micro32k": {"micro_batch_tokens": 32768},    # fewer, larger micro-batches
-    "fp8_micro32k": {"fp8": "on", "micro_batch_tokens": 32768},
+    "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
+    "fp8_head": {"fp8_head": "on"},               # FP8 head matmuls (head.py)
+    "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
+    "micro16k": {"micro_batch_tokens": 16384},
     "micro8k": {"micro_batch_tokens": 8192},
+    # FlexAttention tiles: backward dK/dV (M1, N1) and dQ (M2, N2) tiles, forward (M, N)
+    "flex_bwd64x128": {"flex": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64}},
+    "flex_bwd_w8": {"flex": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64,
+                             "bwd_num_warps": 8}},
+    "flex_fwd128": {"flex": {"BLOCK_M": 128, "BLOCK_N": 128}},
+    "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
 }
 
 
@@ -65,8 +72,12 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     from speedrun.schedule import window_blocks
     from speedrun.train import Paths, Run, TrainParams, effective
 
+    import speedrun.model
+
     base = load_section("train", TrainParams, params_path)
-    p = dataclasses.replace(base, **overrides)
+    train_overrides = {k: v for k, v in overrides.items() if k != "flex"}
+    speedrun.model.FLEX_KERNEL_OPTIONS = overrides.get("flex")
+    p = dataclasses.replace(base, **train_overrides)
     settle = 3
     n_steps = 3 * (settle + steps_per_window)
     tmp = Path(tempfile.mkdtemp())

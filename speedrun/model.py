@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .head import softcap_cross_entropy
+
 EOT_ID = 50256          # <|endoftext|>: placed before every document by tokenize_shards
 BLOCK_SIZE = 128        # FlexAttention block size; windows and sequence lengths are multiples of it
 ATTN_SCALE = 0.12       # fixed softmax scale with QK-norm (modded-nanogpt; ~1/sqrt(head_dim) is too soft)
@@ -27,6 +29,8 @@ SMEAR_GATE_DIMS = 12    # the smear gate reads this many leading embedding dims
 # FlexAttention must always run compiled: its eager fallback materialises the full score matrix
 # and ignores the BlockMask's block sparsity, i.e. it would silently drop the sliding window.
 _flex_attention = torch.compile(flex_attention, dynamic=False)
+# Triton tile sizes etc. for FlexAttention (None: inductor's defaults); read when a graph compiles
+FLEX_KERNEL_OPTIONS: dict | None = None
 
 
 @dataclasses.dataclass
@@ -111,7 +115,8 @@ class CausalSelfAttention(nn.Module):
             v = v + self.lambdas[1] * ve.view_as(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(block_mask, BlockMask):
-            y = _flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE)
+            y = _flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE,
+                                kernel_options=FLEX_KERNEL_OPTIONS)
         else:  # dense bool mask of the same pattern: CPU (FlexAttention has no CPU backward)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
@@ -219,6 +224,9 @@ class GPT(nn.Module):
         # only need local context, and short windows are cheaper
         half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
         self.long_window = half + half[::-1]
+        # execution switches of the head/loss (not architecture: same weights, same function)
+        self.fused_ce = True    # Triton soft-capped CE where it can run (see head.py)
+        self.fp8_head = False   # FP8 head matmuls (Hopper/Ada)
 
     def value_embed_per_layer(self, tokens: Tensor) -> list[Tensor | None]:
         """Tables 0..k-1 feed the first k layers and again the last k layers (012 ... 012)."""
@@ -259,8 +267,8 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap)
 
     def loss(self, x: Tensor, targets: Tensor) -> Tensor:
-        logits = self.logits(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.long())
+        return softcap_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets,
+                                     self.cfg.logit_cap, fused=self.fused_ce, fp8=self.fp8_head)
 
     def forward(self, tokens: Tensor, targets: Tensor, window_blocks: Tensor) -> Tensor:
         """Mean cross-entropy of next-token prediction over the flat sequence."""
