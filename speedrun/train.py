@@ -57,6 +57,9 @@ class TrainParams:
     muon_momentum_end: float = param(0.95, ge=0, lt=1)
     muon_momentum_warmup: int = param(300, ge=0)
     muon_ns_steps: int = param(5, ge=1, le=20)
+    muon_coeffs: str = param("newton-schulz", choices=["newton-schulz", "polar-express"])
+    muon_normuon: bool = param(False)
+    muon_weight_decay: float = param(0.0, ge=0)
     embed_lr: float = param(0.6, gt=0)
     head_lr: float = param(0.008, gt=0)
     scalar_lr: float = param(0.04, gt=0)
@@ -93,6 +96,9 @@ CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, 
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
 RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8"}
+# recipe keys added after checkpoints existed: they count only when set off their default (which
+# reproduces the earlier recipe), so a checkpoint written before they existed still resumes
+LATER_RECIPE_KEYS = {"muon_coeffs", "muon_normuon", "muon_weight_decay"}
 
 
 def effective(p: TrainParams) -> TrainParams:
@@ -108,7 +114,9 @@ def model_config(p: TrainParams) -> GPTConfig:
 
 def fingerprint(p: TrainParams, manifest: dict) -> str:
     """Identity of a run: what it trains on and with which trajectory-relevant settings."""
-    keys = {k: v for k, v in dataclasses.asdict(p).items() if k not in RUN_CONTROL_KEYS}
+    default = TrainParams()
+    keys = {k: v for k, v in dataclasses.asdict(p).items() if k not in RUN_CONTROL_KEYS
+            and not (k in LATER_RECIPE_KEYS and v == getattr(default, k))}
     data = [s.get("sha256", s.get("file")) for s in manifest.get("train", [])]
     return hashlib.sha256(json.dumps([keys, data], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -297,7 +305,8 @@ class Run:
         self.adam, self.muon = build_optimizers(
             param_groups(self.model), muon_lr=p.muon_lr, muon_momentum=p.muon_momentum_start,
             ns_steps=p.muon_ns_steps, embed_lr=p.embed_lr, head_lr=p.head_lr, scalar_lr=p.scalar_lr,
-            betas=(p.adam_beta1, p.adam_beta2), fused=self.device.type == "cuda", compile=p.compile)
+            betas=(p.adam_beta1, p.adam_beta2), fused=self.device.type == "cuda", compile=p.compile,
+            muon_coeffs=p.muon_coeffs, muon_normuon=p.muon_normuon, muon_weight_decay=p.muon_weight_decay)
         self.optimizers = (self.adam, self.muon)
 
     def _sync(self):

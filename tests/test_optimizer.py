@@ -2,11 +2,29 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import re
 
 import pytest
 import torch
 
-from speedrun.optimizer import Muon, build_optimizers, newton_schulz, set_lr
+from speedrun import optimizer as optimizer_mod
+from speedrun import train as train_mod
+from speedrun.errors import ParamError
+from speedrun.optimizer import (
+    Muon,
+    _ns_fn,
+    build_optimizers,
+    newton_schulz,
+    normuon,
+    set_lr,
+)
+from speedrun.params import parse_section
+from speedrun.train import TrainParams
 
 
 @pytest.mark.parametrize("shape", [(6, 24, 40), (6, 40, 24), (5, 32, 32)])
@@ -108,3 +126,203 @@ def test_set_lr_scales_every_group_from_its_base():
     set_lr((adam, muon), 0.1)  # not compounding: always relative to base_lr
     assert [g["lr"] for g in adam.param_groups] == pytest.approx([0.06, 0.0008, 0.004])
     assert muon.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+# ----------------------------------------------------------------------------- recipe switches
+
+def _old_newton_schulz(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """The iteration before the recipe switches existed, verbatim: the default must match it bit for bit."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 16), (4, 16, 64), (3, 32, 32)])
+def test_default_coefficients_are_bit_identical_to_before(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    for steps in (1, 5, 7):
+        old = _old_newton_schulz(G, steps)
+        assert torch.equal(newton_schulz(G, steps), old)
+        assert torch.equal(_ns_fn(False)(G, steps), old)
+        assert torch.equal(_ns_fn(False, "newton-schulz")(G, steps), old)
+
+
+def _sv_rms_error(X: torch.Tensor) -> float:
+    return float((_singular_values(X) - 1).square().mean().sqrt())
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 16), (4, 16, 64), (4, 96, 48)])
+def test_polar_express_is_closer_to_orthogonal_than_newton_schulz(shape):
+    """Gaussian matrices (singular values over ~[0.1, 0.4] after normalisation): in 5 steps the fixed
+    quintic leaves them in ~[0.68, 1.13] (RMS error ~0.2), Polar Express in ~[0.86, 1.14] (~0.09);
+    past its 5 tuples the last one repeats and keeps tightening (8 steps: within ~[0.99, 1.09])."""
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    ns, pe = newton_schulz(G, 5), newton_schulz(G, 5, "polar-express")
+    s = _singular_values(pe)
+    print(shape, f"NS rms {_sv_rms_error(ns):.3f}, PE rms {_sv_rms_error(pe):.3f} in [{s.min():.3f}, {s.max():.3f}]")
+    assert 0.8 < s.min() and s.max() < 1.2
+    assert _sv_rms_error(pe) < 0.12 and _sv_rms_error(pe) < 0.6 * _sv_rms_error(ns)
+    s8 = _singular_values(newton_schulz(G, 8, "polar-express"))
+    assert 0.95 < s8.min() and s8.max() < 1.1
+    # batched equals per matrix, as for the default coefficients
+    single = torch.cat([newton_schulz(G[i:i + 1], 5, "polar-express") for i in range(shape[0])])
+    torch.testing.assert_close(pe, single, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_iteration_is_cached_per_coefficient_set(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(optimizer_mod, "_compiled_ns", {})
+    ns, pe = _ns_fn(True, "newton-schulz"), _ns_fn(True, "polar-express")
+    assert _ns_fn(True, "newton-schulz") is ns and _ns_fn(True, "polar-express") is pe
+    assert len(compiled) == 2
+    G = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ns(G, 5), newton_schulz(G, 5))
+    assert torch.equal(pe(G, 5), newton_schulz(G, 5, "polar-express"))
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 16), (3, 16, 48), (3, 24, 24)])
+def test_normuon_equalises_neurons_and_keeps_the_norm(shape):
+    """One statistic per index of the larger dim (rows if rows >= cols): starting from an empty
+    second moment, one step leaves every row (tall/square) or column (wide) with the same RMS,
+    and each matrix keeps its Frobenius norm; the buffer is an EMA of the mean squares."""
+    g = torch.Generator().manual_seed(8)
+    rows, cols = shape[-2:]
+    dim = -1 if rows >= cols else -2   # reduced over
+    U = torch.randn(*shape, generator=g) * torch.rand(*shape[:-2], rows, 1, generator=g) \
+        * torch.rand(*shape[:-2], 1, cols, generator=g)   # rows and columns of unequal scale
+    second = torch.zeros(U.mean(dim=dim, keepdim=True).shape)
+    out, second1 = normuon(U, second, beta2=0.95)
+    rms = out.square().mean(dim=dim).sqrt()
+    torch.testing.assert_close(rms, rms.mean(dim=-1, keepdim=True).expand_as(rms), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.norm(dim=(-2, -1)), U.norm(dim=(-2, -1)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(second1, 0.05 * U.square().mean(dim=dim, keepdim=True))
+    U2 = torch.randn(*shape, generator=g)
+    out2, second2 = normuon(U2, second1, beta2=0.95)
+    torch.testing.assert_close(second2, 0.95 * second1 + 0.05 * U2.square().mean(dim=dim, keepdim=True))
+    torch.testing.assert_close(out2.norm(dim=(-2, -1)), U2.norm(dim=(-2, -1)), rtol=1e-5, atol=0)
+    # scaled by the old-and-new statistic, not by this step's alone: rows no longer exactly equal
+    assert not torch.allclose(out2.square().mean(dim=dim), out2.square().mean(dim=dim).mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (48, 24)])
+def test_cautious_weight_decay_shrinks_only_where_the_update_agrees(shape):
+    """p -= wd * lr * lr_eff * p exactly where the update (subtracted) has p's sign; every other
+    coordinate moves as without decay, bit for bit. lr is the scheduled lr, so the decay follows
+    the schedule squared; lr_eff carries the sqrt(rows/cols) of tall matrices."""
+    g = torch.Generator().manual_seed(9)
+    p0, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    base_lr, mult, wd = 0.05, 0.5, 1.2
+    out = []
+    for decay in (0.0, wd):
+        p = torch.nn.Parameter(p0.clone())
+        opt = Muon([p], lr=base_lr, momentum=0.0, weight_decay=decay)  # momentum 0: update = NS(grad)
+        opt.param_groups[0]["base_lr"] = base_lr
+        set_lr((opt,), mult)
+        p.grad = grad.clone()
+        opt.step()
+        out.append(p.detach())
+    plain, decayed = out
+    u = newton_schulz(grad[None], 5)[0]
+    mask = (u * p0) > 0
+    assert 0.3 < mask.float().mean() < 0.7
+    assert torch.equal(decayed[~mask], plain[~mask])
+    lr = base_lr * mult
+    lr_eff = lr * max(1.0, shape[0] / shape[1]) ** 0.5
+    torch.testing.assert_close(decayed[mask], plain[mask] - wd * lr * lr_eff * p0[mask], rtol=1e-6, atol=1e-7)
+
+
+RECIPES = {"default": {}, "all-on": {"coeffs": "polar-express", "normuon": True, "weight_decay": 1.2}}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_muon_state_survives_a_checkpoint_file(recipe):
+    """The state (momentum and, with NorMuon, the second moment) goes through torch.save and a
+    weights_only load, as train.py's checkpoints do, and the resumed optimizer continues identically."""
+    g = torch.Generator().manual_seed(10)
+    shapes = [(3, 16, 24), (16, 24), (48, 24), (24, 48)]
+
+    def make(src):
+        return [torch.nn.Parameter(t.detach().clone()) for t in src]
+
+    params = make(torch.randn(*s, generator=g) for s in shapes)
+    opt = Muon(params, lr=0.02, momentum=0.9, **RECIPES[recipe])
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    clones = make(params)
+    opt2 = Muon(clones, lr=0.02, momentum=0.9, **RECIPES[recipe])
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    if RECIPES[recipe].get("normuon"):
+        assert opt2.state[clones[0]]["second_momentum_buffer"].shape == (3, 1, 24)   # wide: per column
+        assert opt2.state[clones[2]]["second_momentum_buffer"].shape == (1, 48, 1)   # tall: per row
+        assert opt2.state[clones[3]]["second_momentum_buffer"].shape == (1, 1, 48)   # wide: per column
+    for _ in range(2):
+        for p, c in zip(params, clones):
+            p.grad = torch.randn(p.shape, generator=g)
+            c.grad = p.grad.clone()
+        opt.step()
+        opt2.step()
+    for p, c in zip(params, clones):
+        assert torch.equal(p.detach(), c.detach())
+
+
+@pytest.mark.parametrize(("key", "value"), [("muon_coeffs", "polar"), ("muon_normuon", "yes"),
+                                            ("muon_weight_decay", -0.1)])
+def test_recipe_params_are_validated(key, value):
+    with pytest.raises(ParamError) as e:
+        parse_section({"train": {key: value}}, "train", TrainParams)
+    assert f"train.{key}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recipe_keys_enter_the_fingerprint_only_off_their_default():
+    """At their defaults the new keys leave the fingerprint as it was before they existed (a
+    checkpoint from then still resumes: same trajectory); set, each one changes it."""
+    manifest = {"train": [{"file": "train_000000.bin", "sha256": "ab"}]}
+    base = train_mod.effective(TrainParams(profile="cpu-tiny"))
+    before = {k: v for k, v in dataclasses.asdict(base).items()
+              if k not in train_mod.RUN_CONTROL_KEYS | train_mod.LATER_RECIPE_KEYS}
+    old = hashlib.sha256(json.dumps([before, ["ab"]], sort_keys=True).encode()).hexdigest()[:16]
+    assert train_mod.fingerprint(base, manifest) == old
+    for key, value in [("muon_coeffs", "polar-express"), ("muon_normuon", True), ("muon_weight_decay", 0.1)]:
+        assert train_mod.fingerprint(dataclasses.replace(base, **{key: value}), manifest) != old, key
+
+
+def test_cpu_tiny_trains_with_every_recipe_switch_on(tmp_path):
+    """4 steps (~1 s each on CPU, nearly all of it the model): finite, falling loss; the NorMuon
+    second moment is in the checkpoint the run writes."""
+    from test_evaluate import write_tiny_shards
+
+    steps = 4
+    shards = tmp_path / "shards"
+    write_tiny_shards(shards, train_tokens=steps * 1024 + 1, val_tokens=600)
+    p = TrainParams(profile="cpu-tiny", steps=steps, val_every=0, val_tokens=512, ckpt_every=0,
+                    target_val_loss=20.0, muon_coeffs="polar-express", muon_normuon=True,
+                    muon_weight_decay=1.2)
+    p.validate()
+    root = tmp_path / "run"
+    paths = train_mod.Paths(shards=shards, checkpoints=root / "checkpoints", final=root / "final.pt",
+                            metrics=root / "train.json", live=None)
+    log: list[str] = []
+    run = train_mod.Run(p, paths, log=lambda *a, **k: log.append(" ".join(map(str, a))))
+    m = run.run()
+    assert (run.muon.coeffs, run.muon.normuon, run.muon.weight_decay) == ("polar-express", True, 1.2)
+    losses = [float(x) for x in re.findall(r"step\s+\d+/\d+ \| loss ([-\d.naif]+)", "\n".join(log))]
+    print("train losses", losses, "val", m["final_val_loss"])
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses), log
+    assert losses[-1] < losses[-2] < losses[0] - 0.5
+    assert math.isfinite(m["final_val_loss"]) and m["final_val_loss"] < losses[0]
+    state = torch.load(paths.latest, map_location="cpu", weights_only=True)["muon"]["state"]
+    assert state and all("second_momentum_buffer" in s for s in state.values())
