@@ -73,6 +73,8 @@ class TrainParams:
     ckpt_every: int = param(200, ge=0)
     compile: bool = param(True)
     fp8: str = param("off", choices=["auto", "on", "off"])
+    fp8_head: str = param("off", choices=["auto", "on", "off"])
+    fused_ce: bool = param(True)
     warmup_steps: int = param(3, ge=0)
 
     def validate(self) -> None:
@@ -92,10 +94,11 @@ class TrainParams:
 # The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
 CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
                 batch_tokens=1024, micro_batch_tokens=256, window_start=128, window_end=256,
-                compile=False, fp8="off", warmup_steps=0)
+                compile=False, fp8="off", fp8_head="off", warmup_steps=0)
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
-RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8"}
+RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
+                    "fp8_head", "fused_ce"}
 # recipe keys added after checkpoints existed: they count only when set off their default (which
 # reproduces the earlier recipe), so a checkpoint written before they existed still resumes
 LATER_RECIPE_KEYS = {"muon_coeffs", "muon_normuon", "muon_weight_decay"}
@@ -155,20 +158,27 @@ def pick_device(p: TrainParams, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
-    """torchao float8 training for the MLP and head matmuls (the largest ones) where the GPU has FP8."""
+def fp8_wanted(mode: str, device: torch.device, key: str) -> bool:
+    """auto/on/off -> whether to use FP8 here (tensor cores with FP8 need compute capability 8.9+)."""
     if mode == "off" or device.type != "cuda":
         return False
     cap = torch.cuda.get_device_capability(device)
     if cap < (8, 9):
         if mode == "on":
-            raise SpeedrunError(f"train.fp8=on needs compute capability >= 8.9; "
-                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: set train.fp8=auto")
+            raise SpeedrunError(f"train.{key}=on needs compute capability >= 8.9; "
+                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: set train.{key}=auto")
+        return False
+    return True
+
+
+def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
+    """torchao float8 training for the MLP matmuls (the head has its own FP8 path: fp8_head)."""
+    if not fp8_wanted(mode, device, "fp8"):
         return False
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     def wanted(mod, fqn: str) -> bool:
-        return fqn.endswith("mlp.c_fc") or fqn.endswith("mlp.c_proj") or fqn == "lm_head"
+        return fqn.endswith("mlp.c_fc") or fqn.endswith("mlp.c_proj")
 
     convert_to_float8_training(model, module_filter_fn=wanted,
                                config=Float8LinearConfig.from_recipe_name("tensorwise"))
@@ -196,10 +206,18 @@ def compile_regions(model: GPT) -> None:
     graph: the cold compile drops from many minutes to about one, at the cost of fusing across
     block borders. The embedding prelude and the head/loss are regions of their own.
     """
+    # The blocks share one code object (Block.forward) but differ in what the guards see (value
+    # embedding or not, attention or not, skip input or not, block 0's x is x0, grad mode for
+    # validation): about a dozen graphs. Past dynamo's default limit of 8 the rest would run
+    # EAGER, silently (measured: 1064 ms/step with the limit hit).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # never fall back silently
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     for block in model.blocks:
         block.compile(dynamic=False)
     model.embed_inputs = torch.compile(model.embed_inputs, dynamic=False)
-    model.loss = torch.compile(model.loss, dynamic=False)
+    if not model.fused_ce:  # the fused head is a hand-written kernel already
+        model.loss = torch.compile(model.loss, dynamic=False)
 
 
 class StopRequest:
@@ -294,6 +312,8 @@ class Run:
         self.cfg = model_config(p)
         self.model = build_model(self.cfg, self.device)
         self.fp8 = enable_fp8(self.model, p.fp8, self.device)
+        self.model.fused_ce = p.fused_ce
+        self.model.fp8_head = self.fp8_head = fp8_wanted(p.fp8_head, self.device, "fp8_head")
         self.initial_state = copy.deepcopy(self.model.state_dict())
         self._new_optimizers()
         if p.compile:
@@ -454,7 +474,7 @@ class Run:
         flops_tok = flops_per_token(self.cfg, n_params, mean_window)
         self.log(f"model: {sum(q.numel() for q in self.model.parameters()) / 1e6:.1f}M parameters "
                  f"({n_params / 1e6:.1f}M in matmuls) | device {device_name(self.device)} x{self.world} "
-                 f"| fp8 {'on' if self.fp8 else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
+                 f"| fp8 mlp {'on' if self.fp8 else 'off'}, head {'on' if self.fp8_head else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
         self._last_report = None
         pending = None           # (step, loss tensor), logged one step late: no stall
         last_loss = None
@@ -626,6 +646,8 @@ class Run:
             "world_size": self.world,
             "profile": p.profile,
             "fp8": self.fp8,
+            "fp8_head": self.fp8_head,
+            "fused_ce": p.fused_ce,
             "compile": p.compile,
             "recompiles_after_warmup": int(recompiles),
             "resumed_at_steps": progress["resumed_at"],

@@ -507,3 +507,29 @@ def test_resume_after_crash_does_not_repeat_steps(tmp_path, shards, monkeypatch)
     assert m["resumed_at_steps"] == [1]
     steps = [s for s, _ in _live(tmp_path / "run", "train/loss")]
     assert steps == [1, 2], steps
+
+
+def test_compiled_blocks_never_fall_back_to_eager():
+    """The 12 blocks of the real layout need more compiled graphs than dynamo's default limit of
+    8 (value embedding or not, attention or not, skip or not, x is x0, grad mode). Past the limit
+    dynamo silently ran blocks eagerly (a measured GPU slowdown); compile_regions raises the limit
+    and makes a hit an error, so a forward+backward and a no-grad forward must run cleanly."""
+    import torch._dynamo.utils as dyn_utils
+
+    from speedrun.model import GPT, GPTConfig
+    from speedrun.train import compile_regions
+
+    torch._dynamo.reset()
+    cfg = GPTConfig(vocab_size=512, n_layer=12, model_dim=64, n_head=2, head_dim=32, value_embeds=3,
+                    no_attn_layer=7, max_seq_len=256)
+    model = GPT(cfg)
+    compile_regions(model)
+    before = dyn_utils.counters["stats"]["unique_graphs"]
+    toks = torch.randint(0, 500, (257,))
+    wb = torch.tensor(2, dtype=torch.int32)
+    model(toks[:-1], toks[1:], wb).backward()
+    with torch.no_grad():
+        model(toks[:-1], toks[1:], wb)
+    # 8 block graphs + 2 of the embedding prelude is all the default limit would allow
+    assert dyn_utils.counters["stats"]["unique_graphs"] - before > 10
+    torch._dynamo.reset()
