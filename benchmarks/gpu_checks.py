@@ -60,9 +60,9 @@ def check_model_paths() -> dict:
 
 
 def check_fp8(steps: int = 30) -> dict:
-    from speedrun.train import TrainParams, enable_fp8, model_config
     from speedrun.model import build_model, param_groups
     from speedrun.optimizer import build_optimizers
+    from speedrun.train import TrainParams, enable_fp8, model_config
 
     res = {}
     p = dataclasses.replace(TrainParams(), n_layer=4, value_embeds=2, no_attn_layer=-1,
@@ -122,8 +122,11 @@ def check_head(N: int = 16384, D: int = 768, V: int = 50304, cap: float = 30.0) 
         for _ in range(10):
             run(fn)
         torch.cuda.synchronize()
+        with torch.no_grad():   # validation path: no gradient wanted, FP8 must not be used
+            nograd = fn(x, w, t).item()
         out[name] = {
             "loss": res[0].item(),
+            "nograd_loss_abs_diff": abs(nograd - ref[0].item()),
             "loss_abs_diff": abs(res[0].item() - ref[0].item()),
             "grad_x_rel_err": ((res[1].float() - ref[1].float()).norm() / ref[1].float().norm()).item(),
             "grad_w_rel_err": ((res[2] - ref[2]).norm() / ref[2].norm()).item(),

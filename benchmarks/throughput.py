@@ -66,13 +66,12 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     import torch
     import torch._dynamo.utils as dyn_utils
 
+    import speedrun.model
     from speedrun.metrics import measure_bf16_tflops
     from speedrun.model import flops_per_token, matmul_params
     from speedrun.params import load_section
     from speedrun.schedule import window_blocks
     from speedrun.train import Paths, Run, TrainParams, effective
-
-    import speedrun.model
 
     base = load_section("train", TrainParams, params_path)
     train_overrides = {k: v for k, v in overrides.items() if k != "flex"}

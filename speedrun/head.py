@@ -1,4 +1,4 @@
-"""Output head fused with the soft-capped cross-entropy: one Triton pass over the logits.
+"""Output head fused with the soft-capped cross-entropy: one Triton kernel over the logits.
 
 The unfused head (matmul, float32 cast, tanh cap, log-softmax, NLL; then the same again in
 backward) reads and writes the [tokens, 50304] logits several times and spends most of its
@@ -12,6 +12,8 @@ overflow or lose the largest terms for any cap this recipe uses (checked at <= 6
 Optional FP8 (`fp8=True`, Hopper/Ada): the forward logits and the input gradient use
 `torch._scaled_mm` with e4m3 inputs (per-tensor scales from the current amax, a tiny reduction
 over x and W) and an e5m2 gradient with a static power-of-two scale (its entries lie in [-1, 1]).
+Training only: a loss without gradients (validation) always takes the bf16 head, so reported
+losses carry no FP8 rounding.
 The weight gradient stays bf16: it would need the [tokens, vocab] gradient transposed.
 """
 from __future__ import annotations
@@ -80,6 +82,8 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, cap: float, fp8: bool) -> Tensor:
         N, V = x.size(0), weight.size(0)
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        fp8 = fp8 and with_grad   # validation/evaluation losses are always the bf16 head's
         if fp8:
             x8, sx = _fp8(x)
             w8, sw = _fp8(weight)   # straight from the fp32 master weight
@@ -87,7 +91,6 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         else:
             w = weight.to(x.dtype)
             logits = x @ w.t()
-        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad8 = torch.empty_like(logits, dtype=torch.float8_e5m2) if with_grad and fp8 else logits
         losses = torch.empty(N, device=x.device, dtype=torch.float32)
         _softcap_ce_kernel[(N,)](logits, grad8, targets, losses, V, cap, 1.0 / N, GRAD_FP8_SCALE,

@@ -14,9 +14,13 @@ import sys
 
 import pytest
 import torch
-
 from conftest import PROJECT
-from speedrun.head import MAX_CAP, reference_softcap_cross_entropy, softcap_cross_entropy
+
+from speedrun.head import (
+    MAX_CAP,
+    reference_softcap_cross_entropy,
+    softcap_cross_entropy,
+)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton not installed (CPU torch): gpu_checks covers the kernel")
