@@ -30,6 +30,13 @@ VARIANTS = {
     "cap15": {"logit_cap": 15.0},
     "cooldown60": {"cooldown_frac": 0.6},
     "muon_lr04": {"muon_lr": 0.04},
+    "fp8_head": {"fp8_head": "on"},
+    "polar": {"muon_coeffs": "polar-express"},
+    "normuon": {"muon_normuon": True},
+    "polar_normuon": {"muon_coeffs": "polar-express", "muon_normuon": True},
+    "legacy_muon": {"muon_coeffs": "newton-schulz", "muon_normuon": False},   # before NorMuon
+    "attn_gate": {"attn_gate": True},
+    "cwd": {"muon_weight_decay": 0.25},   # modded-nanogpt's 1.2 at lr 0.023, rescaled to lr 0.05
 }
 
 

@@ -25,6 +25,7 @@ EOT_ID = 50256          # <|endoftext|>: placed before every document by tokeniz
 BLOCK_SIZE = 128        # FlexAttention block size; windows and sequence lengths are multiples of it
 ATTN_SCALE = 0.12       # fixed softmax scale with QK-norm (modded-nanogpt; ~1/sqrt(head_dim) is too soft)
 SMEAR_GATE_DIMS = 12    # the smear gate reads this many leading embedding dims
+ATTN_GATE_DIMS = 12     # the attention gate reads this many leading dims of the block input
 
 # FlexAttention must always run compiled: its eager fallback materialises the full score matrix
 # and ignores the BlockMask's block sparsity, i.e. it would silently drop the sliding window.
@@ -43,6 +44,7 @@ class GPTConfig:
     value_embeds: int = 3
     no_attn_layer: int = 7
     logit_cap: float = 30.0
+    attn_gate: bool = False    # per-head sigmoid gate on the attention output (modded-nanogpt)
     max_seq_len: int = 65536   # rotary table length: the longest flat sequence a forward sees
 
     def validate(self) -> None:
@@ -104,6 +106,9 @@ class CausalSelfAttention(nn.Module):
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len)
         self.c_proj = CastedLinear(hdim, cfg.model_dim, zero_init=True)
+        # lets a head switch itself off per token (a learned "no-op" instead of attending to the
+        # first token as an attention sink); zero init = every head at 0.5
+        self.gate = CastedLinear(ATTN_GATE_DIMS, cfg.n_head, zero_init=True) if cfg.attn_gate else None
 
     def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask | Tensor) -> Tensor:
         B, T = x.size(0), x.size(1)
@@ -119,7 +124,10 @@ class CausalSelfAttention(nn.Module):
                                 kernel_options=FLEX_KERNEL_OPTIONS)
         else:  # dense bool mask of the same pattern: CPU (FlexAttention has no CPU backward)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x[..., :ATTN_GATE_DIMS]))[..., None]
+        y = y.contiguous().view(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)
 
 
@@ -287,7 +295,8 @@ def build_model(cfg: GPTConfig, device: torch.device) -> GPT:
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Which optimizer owns which parameter: Muon takes the hidden matrices, Adam the rest."""
-    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2]
+    # the attention gates are tiny [heads, 12] matrices: Adam with the scalars, not Muon
+    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2 and ".gate." not in n]
     embed = [model.embed.weight, *[e.weight for e in model.value_embeds]]
     head = [model.lm_head.weight]
     seen = {id(p) for p in hidden + embed + head}

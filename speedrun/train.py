@@ -47,6 +47,7 @@ class TrainParams:
     value_embeds: int = param(3, ge=0)
     no_attn_layer: int = param(7, ge=-1)
     logit_cap: float = param(30.0, gt=0)
+    attn_gate: bool = param(False)
     batch_tokens: int = param(524288, ge=BLOCK_SIZE)
     micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
     steps: int = param(1400, ge=1)
@@ -57,8 +58,8 @@ class TrainParams:
     muon_momentum_end: float = param(0.95, ge=0, lt=1)
     muon_momentum_warmup: int = param(300, ge=0)
     muon_ns_steps: int = param(5, ge=1, le=20)
-    muon_coeffs: str = param("newton-schulz", choices=["newton-schulz", "polar-express"])
-    muon_normuon: bool = param(False)
+    muon_coeffs: str = param("polar-express", choices=["newton-schulz", "polar-express"])
+    muon_normuon: bool = param(True)
     muon_weight_decay: float = param(0.0, ge=0)
     embed_lr: float = param(0.6, gt=0)
     head_lr: float = param(0.008, gt=0)
@@ -73,7 +74,7 @@ class TrainParams:
     ckpt_every: int = param(200, ge=0)
     compile: bool = param(True)
     fp8: str = param("off", choices=["auto", "on", "off"])
-    fp8_head: str = param("off", choices=["auto", "on", "off"])
+    fp8_head: str = param("auto", choices=["auto", "on", "off"])
     fused_ce: bool = param(True)
     warmup_steps: int = param(3, ge=0)
 
@@ -99,9 +100,11 @@ CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
 RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
                     "fp8_head", "fused_ce"}
-# recipe keys added after checkpoints existed: they count only when set off their default (which
-# reproduces the earlier recipe), so a checkpoint written before they existed still resumes
-LATER_RECIPE_KEYS = {"muon_coeffs", "muon_normuon", "muon_weight_decay"}
+# recipe keys added after checkpoints existed, with the behaviour runs had before each key: a
+# key counts in the fingerprint only when it differs from that, so older checkpoints still
+# resume, and a default that changes later can never pass for the old behaviour
+LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muon_weight_decay": 0.0,
+                     "attn_gate": False}
 
 
 def effective(p: TrainParams) -> TrainParams:
@@ -111,15 +114,14 @@ def effective(p: TrainParams) -> TrainParams:
 def model_config(p: TrainParams) -> GPTConfig:
     return GPTConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, model_dim=p.model_dim,
                      n_head=p.n_head, head_dim=p.head_dim, value_embeds=p.value_embeds,
-                     no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap,
+                     no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap, attn_gate=p.attn_gate,
                      max_seq_len=p.micro_batch_tokens)
 
 
 def fingerprint(p: TrainParams, manifest: dict) -> str:
     """Identity of a run: what it trains on and with which trajectory-relevant settings."""
-    default = TrainParams()
     keys = {k: v for k, v in dataclasses.asdict(p).items() if k not in RUN_CONTROL_KEYS
-            and not (k in LATER_RECIPE_KEYS and v == getattr(default, k))}
+            and not (k in LATER_RECIPE_KEYS and v == LATER_RECIPE_KEYS[k])}
     data = [s.get("sha256", s.get("file")) for s in manifest.get("train", [])]
     return hashlib.sha256(json.dumps([keys, data], sort_keys=True).encode()).hexdigest()[:16]
 

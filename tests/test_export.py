@@ -191,3 +191,32 @@ def test_export_bad_inputs(tmp_path, capsys):
     (root / "params.yaml").write_text("export: {repo_id: 'not a repo id'}\n")
     code, _, err = export(root, capsys)
     assert code == 2 and "export.repo_id" in err and not os.path.exists(root / "models/hf")
+
+
+def test_attention_gate_exports_and_matches():
+    """train.attn_gate adds per-head gates; the HF code must apply them exactly as the trainer's
+    model does (gates set non-zero so they matter), and the weights must load without leftovers."""
+    from speedrun.export import checked_state_dict, hf_config
+    from speedrun.hf_model.modeling_speedrun_gpt import SpeedrunGPTForCausalLM
+    from speedrun.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
+                    attn_gate=True, max_seq_len=512)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    state = ckpt.final_model_state(model, {"window_blocks": 2})
+    hf = SpeedrunGPTForCausalLM(hf_config(state)).eval()
+    missing, unexpected = hf.load_state_dict(checked_state_dict(state, "gated"), strict=False)
+    assert not unexpected and all("rotary" in k or "cos" in k or "sin" in k for k in missing), (missing, unexpected)
+    tokens = torch.randint(0, 50257, (384,), generator=torch.Generator().manual_seed(2))
+    tokens[[100, 250]] = EOT_ID
+    with torch.no_grad():
+        ref = model.logits(model.hidden_states(tokens, torch.tensor(2, dtype=torch.int32)))[0]
+        out = hf(tokens[None]).logits[0]
+        model.blocks[0].attn.gate.weight.zero_()   # the gates do change the output
+        ungated = model.logits(model.hidden_states(tokens, torch.tensor(2, dtype=torch.int32)))[0]
+    assert (ref - out).abs().max().item() < 1e-4
+    assert (ref - ungated).abs().max().item() > 1e-2

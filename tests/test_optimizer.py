@@ -287,17 +287,20 @@ def test_recipe_params_are_validated(key, value):
     assert f"train.{key}" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_recipe_keys_enter_the_fingerprint_only_off_their_default():
-    """At their defaults the new keys leave the fingerprint as it was before they existed (a
-    checkpoint from then still resumes: same trajectory); set, each one changes it."""
+def test_recipe_keys_enter_the_fingerprint_only_off_their_legacy_value():
+    """With the behaviour runs had before the keys existed, the fingerprint is the one a checkpoint
+    from then carries (it still resumes: same trajectory); any other value changes it, including
+    today's defaults, so an old checkpoint never resumes under a different optimizer."""
     manifest = {"train": [{"file": "train_000000.bin", "sha256": "ab"}]}
-    base = train_mod.effective(TrainParams(profile="cpu-tiny"))
-    before = {k: v for k, v in dataclasses.asdict(base).items()
-              if k not in train_mod.RUN_CONTROL_KEYS | train_mod.LATER_RECIPE_KEYS}
+    legacy = train_mod.effective(TrainParams(profile="cpu-tiny", **train_mod.LATER_RECIPE_KEYS))
+    before = {k: v for k, v in dataclasses.asdict(legacy).items()
+              if k not in train_mod.RUN_CONTROL_KEYS | set(train_mod.LATER_RECIPE_KEYS)}
     old = hashlib.sha256(json.dumps([before, ["ab"]], sort_keys=True).encode()).hexdigest()[:16]
-    assert train_mod.fingerprint(base, manifest) == old
-    for key, value in [("muon_coeffs", "polar-express"), ("muon_normuon", True), ("muon_weight_decay", 0.1)]:
-        assert train_mod.fingerprint(dataclasses.replace(base, **{key: value}), manifest) != old, key
+    assert train_mod.fingerprint(legacy, manifest) == old
+    for key, value in [("muon_coeffs", "polar-express"), ("muon_normuon", True), ("muon_weight_decay", 0.1),
+                       ("attn_gate", True)]:
+        assert train_mod.fingerprint(dataclasses.replace(legacy, **{key: value}), manifest) != old, key
+    assert train_mod.fingerprint(train_mod.effective(TrainParams(profile="cpu-tiny")), manifest) != old
 
 
 def test_cpu_tiny_trains_with_every_recipe_switch_on(tmp_path):

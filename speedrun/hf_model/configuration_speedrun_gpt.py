@@ -8,7 +8,8 @@ class SpeedrunGPTConfig(PretrainedConfig):
                      "num_attention_heads": "n_head"}
 
     def __init__(self, vocab_size=50304, n_layer=12, model_dim=768, n_head=6, head_dim=128,
-                 value_embeds=3, no_attn_layer=7, logit_cap=30.0, window_blocks=14,
+                 value_embeds=3, no_attn_layer=7, logit_cap=30.0, attn_gate=False, attn_gate_dims=12,
+                 window_blocks=14,
                  block_size=128, attn_scale=0.12, smear_gate_dims=12, eot_token_id=50256,
                  text_vocab_size=50257, initializer_range=0.02, use_cache=False, **kwargs):
         self.vocab_size = vocab_size            # rows of the embedding/head (50257 padded to x128)
@@ -19,6 +20,8 @@ class SpeedrunGPTConfig(PretrainedConfig):
         self.value_embeds = value_embeds        # value-embedding tables (first and last layers)
         self.no_attn_layer = no_attn_layer      # block without attention; -1: none
         self.logit_cap = logit_cap
+        self.attn_gate = attn_gate              # per-head sigmoid gate on attention outputs
+        self.attn_gate_dims = attn_gate_dims    # ... read from this many leading input dims
         self.window_blocks = window_blocks      # attention window in blocks of block_size tokens
         self.block_size = block_size
         self.attn_scale = attn_scale

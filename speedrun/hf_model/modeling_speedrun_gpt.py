@@ -105,6 +105,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
         self.c_proj = CastedLinear(hdim, cfg.model_dim)
+        self.gate_dims = cfg.attn_gate_dims
+        self.gate = CastedLinear(cfg.attn_gate_dims, cfg.n_head) if cfg.attn_gate else None
 
     def forward(self, x: Tensor, ve: Tensor | None, mask: Tensor) -> Tensor:
         B, T = x.size(0), x.size(1)
@@ -115,8 +117,10 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + self.lambdas[1] * ve.view_as(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
+        if self.gate is not None:  # per-head sigmoid gate read from the block input
+            y = y * torch.sigmoid(self.gate(x[..., :self.gate_dims]))[..., None]
+        return self.c_proj(y.contiguous().view(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
