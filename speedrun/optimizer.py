@@ -4,9 +4,9 @@ Muon = SGD with Nesterov momentum whose update is orthogonalised by a Newton-Sch
 Matrices of equal shape are stacked and orthogonalised in one batched call (12 layers x 4-6 matrices
 become 3 launches of batched matmuls instead of ~60 small ones), the iteration is compiled once.
 
-Three recipe switches, all off by default (the default update is unchanged): Polar Express
-coefficients for the iteration, NorMuon's per-neuron normalisation of the update, and cautious
-weight decay. They follow KellerJordan/modded-nanogpt train_gpt.py (`polar_express`,
+Three recipe switches: Polar Express coefficients for the iteration, NorMuon's per-neuron
+normalisation of the update, and cautious weight decay. The class defaults give the plain update;
+params.yaml turns on Polar Express + NorMuon, which the learning benchmark measured ahead. They follow KellerJordan/modded-nanogpt train_gpt.py (`polar_express`,
 `NorMuonAndAdam._apply_normuon_variance_reduction`, `_cautious_wd_and_update_inplace`).
 """
 from __future__ import annotations

@@ -481,6 +481,7 @@ def test_metrics_have_every_key_and_a_reached_target(resume_runs):
     assert m["peak_tokens_per_s"] > 0
     assert m["mfu"] is None and m["peak_memory_gib"] is None and m["gpu"] == "cpu"  # CPU: no peak
     assert m["torch_version"] == torch.__version__ and m["seed"] == 1337
+    assert m["fp8"] is False and m["fp8_head"] is False and m["fused_ce"] is True  # CPU: no FP8
     assert re.fullmatch(r"[0-9a-f]{40}", m["git_commit"]), m["git_commit"]
     # the val history behind time_to_target: the first entry is the target's
     val = _live(resume_runs.a, "val/loss")
