@@ -18,6 +18,8 @@ The weight gradient stays bf16: it would need the [tokens, vocab] gradient trans
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,10 +93,10 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         else:
             w = weight.to(x.dtype)
             logits = x @ w.t()
-        grad8 = torch.empty_like(logits, dtype=torch.float8_e5m2) if with_grad and fp8 else logits
+        grad8 = torch.empty_like(logits, dtype=torch.float8_e5m2) if fp8 else logits
         losses = torch.empty(N, device=x.device, dtype=torch.float32)
         _softcap_ce_kernel[(N,)](logits, grad8, targets, losses, V, cap, 1.0 / N, GRAD_FP8_SCALE,
-                                 WITH_GRAD=with_grad, WITH_FP8=with_grad and fp8, BLOCK=2048,
+                                 WITH_GRAD=with_grad, WITH_FP8=fp8, BLOCK=2048,
                                  num_warps=8)
         if with_grad:
             if fp8:  # W column-major for the grad-input matmul: transposed once here, not per use
@@ -118,13 +120,7 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
 
 
 def fused_available(x: Tensor) -> bool:
-    return triton is not None and (x.is_cuda or _interpreting())
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @torch.compiler.disable  # a hand-written kernel: a surrounding torch.compile leaves it as is
