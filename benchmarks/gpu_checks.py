@@ -110,6 +110,8 @@ def check_head(N: int = 16384, D: int = 768, V: int = 50304, cap: float = 30.0) 
 
     variants = {"reference": lambda a, b, c: ref_fn(a, b, c, cap),
                 "fused": lambda a, b, c: softcap_cross_entropy(a, b, c, cap, fused=True),
+                "fused_fast_tanh": lambda a, b, c: softcap_cross_entropy(a, b, c, cap, fused=True,
+                                                                         fast_tanh=True),
                 "fused_fp8": lambda a, b, c: softcap_cross_entropy(a, b, c, cap, fused=True, fp8=True)}
     ref = run(variants["reference"])
     out = {"tokens": N}
@@ -122,7 +124,7 @@ def check_head(N: int = 16384, D: int = 768, V: int = 50304, cap: float = 30.0) 
         for _ in range(10):
             run(fn)
         torch.cuda.synchronize()
-        with torch.no_grad():   # validation path: no gradient wanted, FP8 must not be used
+        with torch.no_grad():   # validation path: no gradient wanted, FP8/fast tanh must not be used
             nograd = fn(x, w, t).item()
         out[name] = {
             "loss": res[0].item(),

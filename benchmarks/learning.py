@@ -37,6 +37,15 @@ VARIANTS = {
     "legacy_muon": {"muon_coeffs": "newton-schulz", "muon_normuon": False},   # before NorMuon
     "attn_gate": {"attn_gate": True},
     "cwd": {"muon_weight_decay": 0.25},   # modded-nanogpt's 1.2 at lr 0.023, rescaled to lr 0.05
+    # later modded-nanogpt records, at the benchmark's token budget: batch thirds of 1/3, 2/3, 1
+    # of 1.5x the budget's batch (mean = the budget's batch) at lr x1, x1.52, x1.73
+    "batch_stages": {"batch_tokens": "1.5x", "batch_stages": [1 / 3, 2 / 3, 1.0],
+                     "batch_stage_lr": [1.0, 1.52, 1.73]},
+    "mtp": {"mtp_weights": [0.5, 0.25]},                 # predict tokens t+2, t+3 early in training
+    "bigram": {"bigram_vocab": 5 * 50304},               # hashed bigram embedding in every block
+    "records": {"batch_tokens": "1.5x", "batch_stages": [1 / 3, 2 / 3, 1.0],
+                "batch_stage_lr": [1.0, 1.52, 1.73], "mtp_weights": [0.5, 0.25], "bigram_vocab": 5 * 50304},
+    "exact_tanh": {"fast_tanh": False},
 }
 
 
@@ -52,7 +61,10 @@ def run_variant(name: str, args) -> dict:
     budget = dict(steps=args.steps, batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_tokens,
                   val_tokens=args.val_tokens, val_every=max(1, args.steps // args.evals), ckpt_every=0,
                   muon_momentum_warmup=min(base.muon_momentum_warmup, args.steps // 2))
-    p = dataclasses.replace(base, **budget, **VARIANTS[name])
+    overrides = dict(VARIANTS[name])
+    if overrides.get("batch_tokens") == "1.5x":   # stages whose mean is the budget's batch
+        overrides["batch_tokens"] = args.batch_tokens * 3 // 2
+    p = dataclasses.replace(base, **{**budget, **overrides})
     tmp = Path(tempfile.mkdtemp())
     run = Run(p, Paths(Path(args.shards), tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
               log=lambda msg, **_: progress(f"{name}: {msg}"))

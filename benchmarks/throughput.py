@@ -30,6 +30,7 @@ VARIANTS = {
     "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
     "fp8_head": {"fp8_head": "on"},               # FP8 head matmuls (head.py)
     "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
+    "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
     "micro16k": {"micro_batch_tokens": 16384},
     "micro8k": {"micro_batch_tokens": 8192},
     # FlexAttention tiles: backward dK/dV (M1, N1) and dQ (M2, N2) tiles, forward (M, N)

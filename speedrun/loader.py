@@ -1,7 +1,8 @@
 """Token stream over memory-mapped shards, and the per-step batch loader.
 
 Data order is a pure function of the step: step s trains on the global batch
-stream[s*B : s*B + B + 1] (inputs and shifted targets), cut into micro-batches of T tokens.
+stream[offset(s) : offset(s) + B(s) + 1] (inputs and shifted targets; B(s) from the batch
+schedule, offset(s) = s * B for a constant batch), cut into micro-batches of T tokens.
 Micro-batch c goes to rank c % world_size. So a resumed run, or one with another number of GPUs,
 sees exactly the same tokens per step. Shards are read through numpy.memmap: only the slices a
 step needs are touched, never a full-shard copy.
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .schedule import BatchSchedule
 from .shards import open_shard
 
 
@@ -53,20 +55,23 @@ class TokenStream:
 class BatchLoader:
     """Yields one step's micro-batches (inputs int32, targets int64) on the device.
 
-    The next step's tokens are staged in pinned memory and copied on a side stream while the
-    current step computes, so the GPU never waits for input and the step has no host sync.
+    Step s reads the global batch stream[offset(s) : offset(s) + tokens(s) + 1] of the batch
+    schedule (a constant batch: offset = s * batch_tokens). The next step's tokens are staged in
+    pinned memory and copied on a side stream while the current step computes, so the GPU
+    never waits for input and the step has no host sync.
     """
 
-    def __init__(self, stream: TokenStream, batch_tokens: int, micro_tokens: int,
+    def __init__(self, stream: TokenStream, schedule: BatchSchedule | int, micro_tokens: int,
                  rank: int, world: int, device: torch.device):
-        self.stream, self.B, self.T = stream, batch_tokens, micro_tokens
+        if isinstance(schedule, int):   # a constant batch, for as many steps as the stream holds
+            schedule = BatchSchedule(max((len(stream) - 1) // schedule, 1), schedule, [1.0], [1.0], 1)
+        self.stream, self.schedule, self.T = stream, schedule, micro_tokens
         self.rank, self.world, self.device = rank, world, device
-        n_micro = batch_tokens // micro_tokens
-        self.chunks = list(range(rank, n_micro, world))   # this rank's micro-batch indices
         self.cuda = device.type == "cuda"
         pin = self.cuda
+        most = len(self.chunks(max(range(schedule.steps + 1), key=schedule.tokens)))
         # two host buffers: one being copied to the GPU while the other is refilled
-        self.host = [torch.empty(len(self.chunks), micro_tokens + 1, dtype=torch.int32, pin_memory=pin)
+        self.host = [torch.empty(most, micro_tokens + 1, dtype=torch.int32, pin_memory=pin)
                      for _ in range(2)]
         self.copy_done = [None, None]
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -74,16 +79,24 @@ class BatchLoader:
         self._slot = 0
 
     def steps_available(self) -> int:
-        return (len(self.stream) - 1) // self.B
+        return sum(1 for s in range(self.schedule.steps) if self._fits(s))
+
+    def chunks(self, step: int) -> range:
+        """This rank's micro-batch indices within `step`'s global batch."""
+        return range(self.rank, self.schedule.tokens(step) // self.T, self.world)
+
+    def _fits(self, step: int) -> bool:
+        return self.schedule.offset(step) + self.schedule.tokens(step) + 1 <= len(self.stream)
 
     def _stage(self, step: int):
         slot = self._slot
         self._slot ^= 1
         if self.copy_done[slot] is not None:
             self.copy_done[slot].synchronize()  # copy issued a step ago: long finished, no stall
-        host = self.host[slot]
-        base = step * self.B
-        for j, c in enumerate(self.chunks):
+        chunks = self.chunks(step)
+        host = self.host[slot][:len(chunks)]
+        base = self.schedule.offset(step)
+        for j, c in enumerate(chunks):
             self.stream.read(base + c * self.T, self.T + 1, out=host[j].numpy())
         if not self.cuda:
             return step, slot, [(h[:-1], h[1:].long()) for h in host.clone()]
@@ -106,7 +119,7 @@ class BatchLoader:
                 x.record_stream(torch.cuda.current_stream(self.device))
                 y.record_stream(torch.cuda.current_stream(self.device))
         nxt = step + 1
-        self.pending = self._stage(nxt) if (nxt + 1) * self.B + 1 <= len(self.stream) else None
+        self.pending = self._stage(nxt) if nxt < self.schedule.steps and self._fits(nxt) else None
         return batches
 
 

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .head import softcap_cross_entropy
+from .head import mtp_targets, softcap_cross_entropy, softcap_mtp_loss
 
 EOT_ID = 50256          # <|endoftext|>: placed before every document by tokenize_shards
 BLOCK_SIZE = 128        # FlexAttention block size; windows and sequence lengths are multiples of it
 ATTN_SCALE = 0.12       # fixed softmax scale with QK-norm (modded-nanogpt; ~1/sqrt(head_dim) is too soft)
 SMEAR_GATE_DIMS = 12    # the smear gate reads this many leading embedding dims
 ATTN_GATE_DIMS = 12     # the attention gate reads this many leading dims of the block input
+BIGRAM_MULTS = (36313, 27191)   # hash of (token, previous token): products stay below 2^31
 
 # FlexAttention must always run compiled: its eager fallback materialises the full score matrix
 # and ignores the BlockMask's block sparsity, i.e. it would silently drop the sliding window.
@@ -45,6 +46,7 @@ class GPTConfig:
     no_attn_layer: int = 7
     logit_cap: float = 30.0
     attn_gate: bool = False    # per-head sigmoid gate on the attention output (modded-nanogpt)
+    bigram_vocab: int = 0      # rows of the hashed-bigram embedding added in every block; 0 = none
     max_seq_len: int = 65536   # rotary table length: the longest flat sequence a forward sees
 
     def validate(self) -> None:
@@ -54,6 +56,8 @@ class GPTConfig:
             raise ValueError("value_embeds must be in 0..n_layer/2")
         if self.head_dim % 4:
             raise ValueError("head_dim must be a multiple of 4 (half-truncated rotary)")
+        if self.bigram_vocab == 1:
+            raise ValueError("bigram_vocab must be 0 (off) or >= 2")
 
 
 def norm(x: Tensor) -> Tensor:
@@ -149,10 +153,13 @@ class Block(nn.Module):
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, block_mask: BlockMask | Tensor,
-                skip: Tensor | None = None, skip_weight: Tensor | None = None) -> Tensor:
+                skip: Tensor | None = None, skip_weight: Tensor | None = None,
+                bigram: Tensor | None = None, bigram_lambda: Tensor | None = None) -> Tensor:
         if skip is not None:  # U-net skip, added here so it fuses into the compiled block
             x = x + skip_weight * skip
         x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if bigram is not None:
+            x = x + bigram_lambda * bigram
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, block_mask)
         return x + self.mlp(norm(x))
@@ -215,6 +222,18 @@ def dense_mask(block_mask: BlockMask, tokens: Tensor) -> Tensor:
     return allowed & (pos[:, None] >= pos) & (docs[:, None] == docs)
 
 
+def bigram_hash(tokens: Tensor, n_rows: int) -> Tensor:
+    """Row of the (previous token, token) pair in a bigram table of n_rows (int32 math).
+
+    The first position has no previous token here and gets its own row (n_rows - 1). Pairs
+    across a document border hash like any other: the border token 50256 is part of the pair.
+    """
+    mod = n_rows - 1
+    t = tokens.to(torch.int32)
+    h = torch.bitwise_xor(BIGRAM_MULTS[0] * t[1:], BIGRAM_MULTS[1] * t[:-1]) % mod
+    return torch.cat([t.new_full((1,), mod), h])
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -227,6 +246,14 @@ class GPT(nn.Module):
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        if cfg.bigram_vocab:
+            # hashed (previous token, token) embedding mixed into every block (modded-nanogpt):
+            # zero init, so it starts as a no-op; 5 x vocab rows keep collisions rare
+            self.bigram = nn.Embedding(cfg.bigram_vocab, cfg.model_dim)
+            nn.init.zeros_(self.bigram.weight)
+            self.bigram_lambdas = nn.Parameter(torch.full((cfg.n_layer,), 0.1))
+        else:
+            self.bigram = self.bigram_lambdas = None
         self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
         # long window on layers 0, 4 of each half (mirrored), half window elsewhere: most layers
         # only need local context, and short windows are cheaper
@@ -235,6 +262,7 @@ class GPT(nn.Module):
         # execution switches of the head/loss (not architecture: same weights, same function)
         self.fused_ce = True    # Triton soft-capped CE where it can run (see head.py)
         self.fp8_head = False   # FP8 head matmuls (Hopper/Ada)
+        self.fast_tanh = False  # approximate tanh instruction in the fused CE's training pass
 
     def value_embed_per_layer(self, tokens: Tensor) -> list[Tensor | None]:
         """Tables 0..k-1 feed the first k layers and again the last k layers (012 ... 012)."""
@@ -247,27 +275,31 @@ class GPT(nn.Module):
         long_bm, short_bm = document_window_masks(tokens, window_blocks)
         if not tokens.is_cuda:
             long_bm, short_bm = dense_mask(long_bm, tokens), dense_mask(short_bm, tokens)
-        x = x0 = self.embed_inputs(tokens)
+        x0, bigram = self.embed_inputs(tokens)
+        x = x0
         ve = self.value_embed_per_layer(tokens)
         skips = []
         half = self.cfg.n_layer // 2
         for i, block in enumerate(self.blocks):
             mask = long_bm if self.long_window[i] else short_bm
+            extra = {} if bigram is None else {"bigram": bigram, "bigram_lambda": self.bigram_lambdas[i]}
             if i < half:
-                x = block(x, ve[i], x0, mask)
+                x = block(x, ve[i], x0, mask, **extra)
                 skips.append(x)
             else:  # decoder half: the mirrored encoder output joins through a learned weight
-                x = block(x, ve[i], x0, mask, skips.pop(), self.skip_weights[i - half])
+                x = block(x, ve[i], x0, mask, skips.pop(), self.skip_weights[i - half], **extra)
         return norm(x)
 
-    def embed_inputs(self, tokens: Tensor) -> Tensor:
-        """Token embedding, smear gate, norm: x0 [1, T, dim], the input of every block."""
+    def embed_inputs(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Token embedding, smear gate, norm: x0 [1, T, dim], the input of every block; and the
+        hashed-bigram embedding [1, T, dim] (None without one)."""
         x = self.embed(tokens)
         # smear gate: add a gated copy of the previous token's embedding (not across documents)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[1:, :SMEAR_GATE_DIMS]))
         gate = gate * (tokens[1:, None] != EOT_ID)
         x = torch.cat([x[:1], x[1:] + gate.type_as(x) * x[:-1]])
-        return norm(x[None])
+        bigram = self.bigram(bigram_hash(tokens, self.cfg.bigram_vocab))[None] if self.bigram else None
+        return norm(x[None]), bigram
 
     def logits(self, x: Tensor) -> Tensor:
         cap = self.cfg.logit_cap
@@ -276,11 +308,28 @@ class GPT(nn.Module):
 
     def loss(self, x: Tensor, targets: Tensor) -> Tensor:
         return softcap_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets,
-                                     self.cfg.logit_cap, fused=self.fused_ce, fp8=self.fp8_head)
+                                     self.cfg.logit_cap, fused=self.fused_ce, fp8=self.fp8_head,
+                                     fast_tanh=self.fast_tanh)
+
+    def mtp_loss(self, x: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        return softcap_mtp_loss(x.view(-1, x.size(-1)), self.lm_head.weight,
+                                mtp_targets(targets, weights.numel()), weights, self.cfg.logit_cap,
+                                fused=self.fused_ce, fp8=self.fp8_head, fast_tanh=self.fast_tanh)
 
     def forward(self, tokens: Tensor, targets: Tensor, window_blocks: Tensor) -> Tensor:
         """Mean cross-entropy of next-token prediction over the flat sequence."""
         return self.loss(self.hidden_states(tokens, window_blocks), targets)
+
+    def train_loss(self, tokens: Tensor, targets: Tensor, window_blocks: Tensor,
+                   mtp_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(objective to minimise, next-token CE to report). With multi-token prediction the
+        objective adds weighted CE terms for the tokens after the next (weights: device tensor
+        [1 + extra], see schedule.mtp_weights); without it both are the next-token CE."""
+        x = self.hidden_states(tokens, window_blocks)
+        if mtp_weights is None:
+            loss = self.loss(x, targets)
+            return loss, loss.detach()
+        return self.mtp_loss(x, targets, mtp_weights)
 
 
 def build_model(cfg: GPTConfig, device: torch.device) -> GPT:
@@ -298,6 +347,8 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     # the attention gates are tiny [heads, 12] matrices: Adam with the scalars, not Muon
     hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2 and ".gate." not in n]
     embed = [model.embed.weight, *[e.weight for e in model.value_embeds]]
+    if model.bigram is not None:
+        embed.append(model.bigram.weight)
     head = [model.lm_head.weight]
     seen = {id(p) for p in hidden + embed + head}
     scalars = [p for p in model.parameters() if id(p) not in seen]
@@ -306,7 +357,8 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
 
 def matmul_params(model: GPT) -> int:
     """Parameters that cost 6 FLOPs per token in training (everything but the embedding lookups)."""
-    lookups = sum(p.numel() for p in [model.embed.weight, *[e.weight for e in model.value_embeds]])
+    tables = [model.embed.weight, *[e.weight for e in model.value_embeds]]
+    lookups = sum(p.numel() for p in tables + ([model.bigram.weight] if model.bigram is not None else []))
     return sum(p.numel() for p in model.parameters()) - lookups
 
 

@@ -29,7 +29,7 @@ from .metrics import (Stopwatch, device_name, fmt_duration, fmt_rate, git_commit
 from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
 from .optimizer import build_optimizers, set_lr
 from .params import multiple_of, param
-from .schedule import lr_multiplier, muon_momentum, window_blocks
+from .schedule import BatchSchedule, lr_multiplier, mtp_weights, muon_momentum, window_blocks
 from .shards import MANIFEST, load_manifest, shard_paths
 
 
@@ -48,8 +48,11 @@ class TrainParams:
     no_attn_layer: int = param(7, ge=-1)
     logit_cap: float = param(30.0, gt=0)
     attn_gate: bool = param(False)
+    bigram_vocab: int = param(0, ge=0, check=lambda v: None if v != 1 else "must be 0 (off) or >= 2")
     batch_tokens: int = param(524288, ge=BLOCK_SIZE)
     micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
+    batch_stages: list[float] = param([1.0], gt=0, le=1)
+    batch_stage_lr: list[float] = param([1.0], gt=0)
     steps: int = param(1400, ge=1)
     window_start: int = param(256, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
     window_end: int = param(1792, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
@@ -66,6 +69,7 @@ class TrainParams:
     scalar_lr: float = param(0.04, gt=0)
     adam_beta1: float = param(0.8, ge=0, lt=1)
     adam_beta2: float = param(0.95, ge=0, lt=1)
+    mtp_weights: list[float] = param([], ge=0)
     cooldown_frac: float = param(0.4, ge=0, le=1)
     final_lr_frac: float = param(0.1, ge=0, le=1)
     val_every: int = param(125, ge=0)
@@ -76,6 +80,7 @@ class TrainParams:
     fp8: str = param("off", choices=["auto", "on", "off"])
     fp8_head: str = param("auto", choices=["auto", "on", "off"])
     fused_ce: bool = param(True)
+    fast_tanh: bool = param(True)
     warmup_steps: int = param(3, ge=0)
 
     def validate(self) -> None:
@@ -90,6 +95,15 @@ class TrainParams:
             raise ParamError(f"params.yaml: train.value_embeds must be <= n_layer/2 ({p.n_layer // 2})")
         if p.window_end < p.window_start:
             raise ParamError("params.yaml: train.window_end must be >= train.window_start")
+        if not p.batch_stages:
+            raise ParamError("params.yaml: train.batch_stages must list at least one fraction ([1.0]: constant)")
+        if p.batch_stage_lr and len(p.batch_stage_lr) != len(p.batch_stages):
+            raise ParamError(f"params.yaml: train.batch_stage_lr needs one multiplier per batch stage "
+                             f"({len(p.batch_stages)}), got {len(p.batch_stage_lr)}")
+        if len(p.batch_stages) > p.steps:
+            raise ParamError("params.yaml: train.batch_stages has more stages than train.steps")
+        if len(p.mtp_weights) > 3:
+            raise ParamError("params.yaml: train.mtp_weights takes at most 3 extra targets")
 
 
 # The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
@@ -99,22 +113,33 @@ CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, 
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
 RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
-                    "fp8_head", "fused_ce"}
+                    "fp8_head", "fused_ce", "fast_tanh"}
 # recipe keys added after checkpoints existed, with the behaviour runs had before each key: a
 # key counts in the fingerprint only when it differs from that, so older checkpoints still
 # resume, and a default that changes later can never pass for the old behaviour
 LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muon_weight_decay": 0.0,
-                     "attn_gate": False}
+                     "attn_gate": False, "bigram_vocab": 0, "batch_stages": [1.0], "batch_stage_lr": [1.0],
+                     "mtp_weights": []}
 
 
 def effective(p: TrainParams) -> TrainParams:
     return dataclasses.replace(p, **CPU_TINY) if p.profile == "cpu-tiny" else p
 
 
+def batch_schedule(p: TrainParams, world: int = 1) -> BatchSchedule:
+    """Tokens per step over the run; every stage a whole number of micro-batches on each process."""
+    s = BatchSchedule(p.steps, p.batch_tokens, p.batch_stages, p.batch_stage_lr, p.micro_batch_tokens * world)
+    if min(s.tokens_per_stage) == 0:
+        raise ParamError(f"params.yaml: train.batch_stages {p.batch_stages} of {p.batch_tokens:,} tokens leaves "
+                         f"a stage with no whole micro-batch of {p.micro_batch_tokens:,} x {world} process(es)")
+    return s
+
+
 def model_config(p: TrainParams) -> GPTConfig:
     return GPTConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, model_dim=p.model_dim,
                      n_head=p.n_head, head_dim=p.head_dim, value_embeds=p.value_embeds,
                      no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap, attn_gate=p.attn_gate,
+                     bigram_vocab=p.bigram_vocab,
                      max_seq_len=p.micro_batch_tokens)
 
 
@@ -220,6 +245,7 @@ def compile_regions(model: GPT) -> None:
     model.embed_inputs = torch.compile(model.embed_inputs, dynamic=False)
     if not model.fused_ce:  # the fused head is a hand-written kernel already
         model.loss = torch.compile(model.loss, dynamic=False)
+        model.mtp_loss = torch.compile(model.mtp_loss, dynamic=False)
 
 
 class StopRequest:
@@ -292,20 +318,25 @@ class Run:
         self.train_stream = TokenStream(shard_paths(paths.shards, "train"))
         self.val_stream = TokenStream(shard_paths(paths.shards, "val"))
         self.fingerprint = fingerprint(self.p, self.manifest)
+        self.schedule = batch_schedule(self.p, self.world)
 
     def check_data(self) -> None:
         """Enough tokens for every step and the validation, checked before anything compiles."""
         p = self.p
-        need = p.steps * p.batch_tokens + 1
+        need = self.schedule.total + 1
         if len(self.train_stream) < need:
             raise SpeedrunError(
                 f"train shards hold {len(self.train_stream):,} tokens but {p.steps} steps of "
-                f"{p.batch_tokens:,} need {need:,}: lower train.steps or download more "
+                f"{self.stages_text()} need {need:,}: lower train.steps or download more "
                 f"(download.max_tokens)")
         if len(self.val_stream) < p.val_tokens + 1:
             raise SpeedrunError(f"validation shards hold {len(self.val_stream):,} tokens, fewer than "
                                 f"train.val_tokens + 1 ({p.val_tokens + 1:,}): lower train.val_tokens "
                                 f"or raise tokenize.val_tokens")
+
+    def stages_text(self) -> str:
+        toks = self.schedule.tokens_per_stage
+        return f"{toks[0]:,} tokens" if len(toks) == 1 else "/".join(f"{t:,}" for t in toks) + " tokens"
 
     # -- model and optimizers ------------------------------------------------------------
     def _build(self):
@@ -315,6 +346,7 @@ class Run:
         self.model = build_model(self.cfg, self.device)
         self.fp8 = enable_fp8(self.model, p.fp8, self.device)
         self.model.fused_ce = p.fused_ce
+        self.model.fast_tanh = p.fast_tanh
         self.model.fp8_head = self.fp8_head = fp8_wanted(p.fp8_head, self.device, "fp8_head")
         self.initial_state = copy.deepcopy(self.model.state_dict())
         self._new_optimizers()
@@ -337,20 +369,27 @@ class Run:
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, step: int, batches, window: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns the next-token CE (device)."""
         p = self.p
-        n_micro = p.batch_tokens // p.micro_batch_tokens
+        n_micro = self.schedule.tokens(step) // p.micro_batch_tokens   # all ranks' micro-batches
+        mtp = None
+        if p.mtp_weights:
+            for k, w in enumerate(mtp_weights(step, p.steps, p.mtp_weights)):
+                self._mtp[k].fill_(w)   # in place, no host->device copy, no recompile
+            mtp = self._mtp
         loss_sum = torch.zeros((), device=self.device)
         for x, y in batches:
-            loss = self.fwd(x, y, window) / n_micro
-            loss.backward()
-            loss_sum += loss.detach()
+            objective, ce = self.model.train_loss(x, y, window, mtp)
+            (objective / n_micro).backward()
+            loss_sum += ce / n_micro
         if self.world > 1:
             grads = [q.grad for q in self.model.parameters() if q.grad is not None]
             handles = [dist.all_reduce(g, async_op=True) for g in grads]  # sum of 1/n_micro shares
             dist.all_reduce(loss_sum)
             for h in handles:
                 h.wait()
-        set_lr(self.optimizers, lr_multiplier(step, p.steps, p.cooldown_frac, p.final_lr_frac))
+        set_lr(self.optimizers, lr_multiplier(step, p.steps, p.cooldown_frac, p.final_lr_frac)
+               * self.schedule.lr_mult(step))
         self.muon.param_groups[0]["momentum"] = muon_momentum(
             step, p.muon_momentum_warmup, p.muon_momentum_start, p.muon_momentum_end)
         for opt in self.optimizers:
@@ -371,7 +410,7 @@ class Run:
         if p.warmup_steps == 0:
             return 0.0
         g = torch.Generator().manual_seed(0)
-        n_local = len(range(self.rank, p.batch_tokens // p.micro_batch_tokens, self.world))
+        n_local = len(range(self.rank, self.schedule.max_tokens // p.micro_batch_tokens, self.world))
         for i in range(p.warmup_steps):
             self.log(f"warm-up step {i + 1}/{p.warmup_steps} ({time.perf_counter() - t0:.1f}s)", flush=True)
             batches = []
@@ -440,6 +479,7 @@ class Run:
         self.check_data()
         self._build()
         self._window = torch.tensor(1, dtype=torch.int32, device=self.device)
+        self._mtp = torch.zeros(1 + len(p.mtp_weights), device=self.device)
         peak_tflops = measure_bf16_tflops(self.device) if self.master else None
         compile_s = self.warmup()
         import torch._dynamo.utils as dyn_utils
@@ -466,7 +506,7 @@ class Run:
                                    "train_time_s": hit["train_time_s"]} if hit else None)
 
         live = self._open_live(resumed=resumed is not None)
-        loader = BatchLoader(self.train_stream, p.batch_tokens, p.micro_batch_tokens,
+        loader = BatchLoader(self.train_stream, self.schedule, p.micro_batch_tokens,
                              self.rank, self.world, self.device)
         clock = Stopwatch(progress["train_time_s"], sync=self._sync)
         stop = StopRequest()
@@ -495,7 +535,7 @@ class Run:
                     # peak tokens/s over a whole validation interval (steady, includes no val time)
                     s0, c0 = interval
                     if step > s0 and clock.total > c0:
-                        rate = (step - s0) * p.batch_tokens / (clock.total - c0)
+                        rate = (self.schedule.offset(step) - self.schedule.offset(s0)) / (clock.total - c0)
                         progress["peak_tokens_per_s"] = max(progress["peak_tokens_per_s"], rate)
                     self._validate(step, progress, clock, live)
                     interval = (step, clock.total)
@@ -556,9 +596,10 @@ class Run:
         self._last_report = now
         done = step + 1
         elapsed = clock.peek()
-        tok_s = p.batch_tokens / dt if dt else float("nan")
+        tok_s = self.schedule.tokens(step) / dt if dt else float("nan")
         eta = (p.steps - done) * dt if dt else float("nan")
         lr = self.optimizers[1].param_groups[0]["lr"] / self.optimizers[1].param_groups[0]["base_lr"]
+        tokens = self.schedule.offset(done)
         wb = window_blocks(step, p.steps, p.window_start, p.window_end) * BLOCK_SIZE
         self.log(f"step {done:5d}/{p.steps} | loss {loss:.4f} | "
                  f"{(dt or 0) * 1e3:7.1f} ms | {fmt_rate(tok_s) if dt else '   -  '} tok/s | "
@@ -568,7 +609,7 @@ class Run:
             live.step = done
             live.log_metric("train/loss", loss)
             live.log_metric("train/lr_multiplier", lr)
-            live.log_metric("train/tokens", done * p.batch_tokens)
+            live.log_metric("train/tokens", tokens)
             live.log_metric("train/seconds", round(elapsed, 3))
             if dt:
                 live.log_metric("train/tokens_per_s", round(tok_s, 1))
@@ -584,7 +625,7 @@ class Run:
                             self._window, self.device, self.rank, self.world)
         took = time.perf_counter() - t
         progress["val_time_s"] += took
-        tokens = step * p.batch_tokens
+        tokens = self.schedule.offset(step)
         entry = {"step": step, "tokens": tokens, "train_time_s": round(clock.total, 3),
                  "val_loss": round(val, 5)}
         progress["val_history"].append(entry)
@@ -615,7 +656,7 @@ class Run:
 
     def _finish(self, progress, wall0, compile_s, recompiles, peak_tflops, flops_tok) -> dict:
         p = self.p
-        tokens = p.steps * p.batch_tokens
+        tokens = self.schedule.total
         train_s = progress["train_time_s"]
         tok_s = tokens / train_s if train_s > 0 else 0.0
         mem_alloc, mem_reserved = peak_memory_gib(self.device)
@@ -650,6 +691,7 @@ class Run:
             "fp8": self.fp8,
             "fp8_head": self.fp8_head,
             "fused_ce": p.fused_ce,
+            "fast_tanh": p.fast_tanh,
             "compile": p.compile,
             "recompiles_after_warmup": int(recompiles),
             "resumed_at_steps": progress["resumed_at"],

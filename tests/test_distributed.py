@@ -95,7 +95,7 @@ def test_ranks_split_each_step_disjointly(tmp_path):
     def tokens(world: int, step: int) -> list[tuple[int, ...]]:
         out = []
         for rank in range(world):
-            loader = BatchLoader(stream, batch_tokens=1024, micro_tokens=128, rank=rank, world=world,
+            loader = BatchLoader(stream, 1024, micro_tokens=128, rank=rank, world=world,
                                  device=cpu)
             out += [tuple(x.tolist()) for x, _ in loader.get(step)]
         return out

@@ -193,16 +193,19 @@ def test_export_bad_inputs(tmp_path, capsys):
     assert code == 2 and "export.repo_id" in err and not os.path.exists(root / "models/hf")
 
 
-def test_attention_gate_exports_and_matches():
-    """train.attn_gate adds per-head gates; the HF code must apply them exactly as the trainer's
-    model does (gates set non-zero so they matter), and the weights must load without leftovers."""
+@pytest.mark.parametrize("switch", ["attn_gate", "bigram"])
+def test_architecture_switches_export_and_match(switch):
+    """train.attn_gate (per-head gates) and train.bigram_vocab (hashed bigram embedding) add
+    weights; the HF code must apply them exactly as the trainer's model does (weights set
+    non-zero so they matter), and the weights must load without leftovers."""
     from speedrun.export import checked_state_dict, hf_config
     from speedrun.hf_model.modeling_speedrun_gpt import SpeedrunGPTForCausalLM
     from speedrun.model import GPT, GPTConfig
 
     torch.manual_seed(0)
+    extra = {"attn_gate": True} if switch == "attn_gate" else {"bigram_vocab": 997}
     cfg = GPTConfig(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
-                    attn_gate=True, max_seq_len=512)
+                    max_seq_len=512, **extra)
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -216,7 +219,10 @@ def test_attention_gate_exports_and_matches():
     with torch.no_grad():
         ref = model.logits(model.hidden_states(tokens, torch.tensor(2, dtype=torch.int32)))[0]
         out = hf(tokens[None]).logits[0]
-        model.blocks[0].attn.gate.weight.zero_()   # the gates do change the output
-        ungated = model.logits(model.hidden_states(tokens, torch.tensor(2, dtype=torch.int32)))[0]
+        if switch == "attn_gate":
+            model.blocks[0].attn.gate.weight.zero_()   # the gates do change the output
+        else:
+            model.bigram.weight.zero_()
+        without = model.logits(model.hidden_states(tokens, torch.tensor(2, dtype=torch.int32)))[0]
     assert (ref - out).abs().max().item() < 1e-4
-    assert (ref - ungated).abs().max().item() > 1e-2
+    assert (ref - without).abs().max().item() > 1e-2

@@ -46,6 +46,20 @@ for N, D, V, cap in [(48, 32, 2500, 30.0), (16, 24, 700, 15.0)]:
     out.append({"V": V, "cap": cap, "loss": f[0], "ref_loss": r[0], "nograd_loss": nograd,
                 "gx_err": ((f[1] - r[1]).norm() / r[1].norm()).item(),
                 "gw_err": ((f[2] - r[2]).norm() / r[2].norm()).item()})
+from speedrun.head import mtp_targets, softcap_mtp_loss
+x, w, t = torch.randn(40, 24) * 2, torch.randn(2500, 24) * 0.7, torch.randint(0, 2500, (40,))
+tg, wt = mtp_targets(t, 3), torch.tensor([1.0, 0.5, 0.25])
+res = {}
+for fused in (True, False):
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    obj, ce = softcap_mtp_loss(xr, wr, tg, wt, 30.0, fused=fused)
+    (obj * 0.25).backward()
+    res[fused] = (obj.item(), ce.item(), xr.grad, wr.grad)
+f, r = res[True], res[False]
+out.append({"V": 2500, "cap": 30.0, "mtp": True, "loss": f[0], "ref_loss": r[0], "nograd_loss": r[0],
+            "next_ce": f[1], "ref_next_ce": r[1],
+            "gx_err": ((f[2] - r[2]).norm() / r[2].norm()).item(),
+            "gw_err": ((f[3] - r[3]).norm() / r[3].norm()).item()})
 print(json.dumps(out))
 """
 
@@ -53,7 +67,7 @@ print(json.dumps(out))
 @needs_triton
 def test_fused_kernel_matches_reference_loss_and_gradients():
     """Vocabularies that are not a multiple of the kernel's block (masked tail), two caps, a
-    non-unit upstream gradient, and the no-grad (evaluation) path."""
+    non-unit upstream gradient, the no-grad (evaluation) path, and multi-token prediction."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(PROJECT)}
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -62,6 +76,9 @@ def test_fused_kernel_matches_reference_loss_and_gradients():
         assert abs(case["loss"] - case["ref_loss"]) < 1e-5 * case["ref_loss"], case
         assert abs(case["nograd_loss"] - case["ref_loss"]) < 1e-5 * case["ref_loss"], case
         assert case["gx_err"] < 1e-5 and case["gw_err"] < 1e-5, case
+        if case.get("mtp"):   # weighted t+1..t+3 objective, and its next-token part
+            assert abs(case["next_ce"] - case["ref_next_ce"]) < 1e-5 * case["ref_next_ce"], case
+            assert case["loss"] > case["next_ce"] * 1.5, case
 
 
 def test_reference_is_capped_cross_entropy():

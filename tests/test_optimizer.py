@@ -298,7 +298,8 @@ def test_recipe_keys_enter_the_fingerprint_only_off_their_legacy_value():
     old = hashlib.sha256(json.dumps([before, ["ab"]], sort_keys=True).encode()).hexdigest()[:16]
     assert train_mod.fingerprint(legacy, manifest) == old
     for key, value in [("muon_coeffs", "polar-express"), ("muon_normuon", True), ("muon_weight_decay", 0.1),
-                       ("attn_gate", True)]:
+                       ("attn_gate", True), ("bigram_vocab", 1000), ("batch_stages", [0.5, 1.0]),
+                       ("batch_stage_lr", [1.0, 1.5]), ("mtp_weights", [0.5])]:
         assert train_mod.fingerprint(dataclasses.replace(legacy, **{key: value}), manifest) != old, key
     assert train_mod.fingerprint(train_mod.effective(TrainParams(profile="cpu-tiny")), manifest) != old
 

@@ -9,6 +9,7 @@ class SpeedrunGPTConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=50304, n_layer=12, model_dim=768, n_head=6, head_dim=128,
                  value_embeds=3, no_attn_layer=7, logit_cap=30.0, attn_gate=False, attn_gate_dims=12,
+                 bigram_vocab=0, bigram_mults=(36313, 27191),
                  window_blocks=14,
                  block_size=128, attn_scale=0.12, smear_gate_dims=12, eot_token_id=50256,
                  text_vocab_size=50257, initializer_range=0.02, use_cache=False, **kwargs):
@@ -22,6 +23,8 @@ class SpeedrunGPTConfig(PretrainedConfig):
         self.logit_cap = logit_cap
         self.attn_gate = attn_gate              # per-head sigmoid gate on attention outputs
         self.attn_gate_dims = attn_gate_dims    # ... read from this many leading input dims
+        self.bigram_vocab = bigram_vocab        # rows of the hashed-bigram embedding; 0 = none
+        self.bigram_mults = list(bigram_mults)  # its hash: (m0 * token) XOR (m1 * previous token)
         self.window_blocks = window_blocks      # attention window in blocks of block_size tokens
         self.block_size = block_size
         self.attn_scale = attn_scale

@@ -140,8 +140,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: Tensor,
+                bigram: Tensor | None = None, bigram_lambda: Tensor | None = None) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if bigram is not None:
+            x = x + bigram_lambda * bigram
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, mask)
         return x + self.mlp(norm(x))
@@ -174,6 +177,12 @@ class SpeedrunGPTForCausalLM(SpeedrunGPTPreTrainedModel, GenerationMixin):
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        bigram_vocab = getattr(cfg, "bigram_vocab", 0)
+        if bigram_vocab:
+            self.bigram = nn.Embedding(bigram_vocab, cfg.model_dim)
+            self.bigram_lambdas = nn.Parameter(torch.zeros(cfg.n_layer))
+        else:
+            self.bigram = self.bigram_lambdas = None
         self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size)
         # long window on layers 0, 4, ... of each half (mirrored), half window elsewhere
         half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
@@ -198,11 +207,19 @@ class SpeedrunGPTForCausalLM(SpeedrunGPTPreTrainedModel, GenerationMixin):
         x = x0 = norm(x)
         ve = [emb(input_ids) for emb in self.value_embeds]
         ve = ve + [None] * (cfg.n_layer - 2 * len(ve)) + ve
+        bigram = None
+        if self.bigram is not None:
+            # row of (previous token, token); the first position has its own row (the last)
+            mod = cfg.bigram_vocab - 1
+            t = input_ids.to(torch.int32)
+            h = torch.bitwise_xor(cfg.bigram_mults[0] * t[:, 1:], cfg.bigram_mults[1] * t[:, :-1]) % mod
+            bigram = self.bigram(torch.cat([torch.full_like(t[:, :1], mod), h], dim=1))
         skips, half = [], cfg.n_layer // 2
         for i, block in enumerate(self.blocks):
             if i >= half:  # decoder half: add the mirrored encoder output (U-net)
                 x = x + self.skip_weights[i - half] * skips.pop()
-            x = block(x, ve[i], x0, long_mask if self.long_window[i] else short_mask)
+            extra = {} if bigram is None else {"bigram": bigram, "bigram_lambda": self.bigram_lambdas[i]}
+            x = block(x, ve[i], x0, long_mask if self.long_window[i] else short_mask, **extra)
             if i < half:
                 skips.append(x)
         return norm(x)
