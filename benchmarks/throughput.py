@@ -31,6 +31,9 @@ VARIANTS = {
     "fp8_head": {"fp8_head": "on"},               # FP8 head matmuls (head.py)
     "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
+    "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
+    "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
+    "bigram2x": {"bigram_vocab": 2 * 50304},
     "micro16k": {"micro_batch_tokens": 16384},
     "micro8k": {"micro_batch_tokens": 8192},
     # FlexAttention tiles: backward dK/dV (M1, N1) and dQ (M2, N2) tiles, forward (M, N)
