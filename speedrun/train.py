@@ -349,6 +349,7 @@ class Run:
         self.model.fast_tanh = p.fast_tanh
         self.model.fp8_head = self.fp8_head = fp8_wanted(p.fp8_head, self.device, "fp8_head")
         self.initial_state = copy.deepcopy(self.model.state_dict())
+        self._mtp = torch.zeros(1 + len(p.mtp_weights), device=self.device)   # filled per step
         self._new_optimizers()
         if p.compile:
             compile_regions(self.model)
@@ -479,7 +480,6 @@ class Run:
         self.check_data()
         self._build()
         self._window = torch.tensor(1, dtype=torch.int32, device=self.device)
-        self._mtp = torch.zeros(1 + len(p.mtp_weights), device=self.device)
         peak_tflops = measure_bf16_tflops(self.device) if self.master else None
         compile_s = self.warmup()
         import torch._dynamo.utils as dyn_utils
