@@ -8,10 +8,15 @@ import torch
 
 
 def git_commit() -> str:
+    """HEAD's sha, with "-dirty" when tracked files differ from it (the code that ran is not HEAD's)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         sha = out.stdout.strip()
-        return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
+        if out.returncode != 0 or len(sha) != 40:
+            return "unknown"
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        return sha + "-dirty" if status.returncode == 0 and status.stdout.strip() else sha
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -482,7 +482,7 @@ def test_metrics_have_every_key_and_a_reached_target(resume_runs):
     assert m["mfu"] is None and m["peak_memory_gib"] is None and m["gpu"] == "cpu"  # CPU: no peak
     assert m["torch_version"] == torch.__version__ and m["seed"] == 1337
     assert m["fp8"] is False and m["fp8_head"] is False and m["fused_ce"] is True  # CPU: no FP8
-    assert re.fullmatch(r"[0-9a-f]{40}", m["git_commit"]), m["git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", m["git_commit"]), m["git_commit"]
     # the val history behind time_to_target: the first entry is the target's
     val = _live(resume_runs.a, "val/loss")
     assert val[0][0] == 2 and val[0][1] <= 20.0
@@ -534,3 +534,25 @@ def test_compiled_blocks_never_fall_back_to_eager():
     # 8 block graphs + 2 of the embedding prelude is all the default limit would allow
     assert dyn_utils.counters["stats"]["unique_graphs"] - before > 10
     torch._dynamo.reset()
+
+
+def test_git_commit_says_when_the_tree_is_not_head(tmp_path, monkeypatch):
+    """A run's metrics must not attribute edited code to HEAD: tracked changes add "-dirty"."""
+    import subprocess
+
+    from speedrun.metrics import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.chdir(tmp_path)
+    clean = git_commit()
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert git_commit() == clean
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit() == clean + "-dirty"
