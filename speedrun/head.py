@@ -9,6 +9,13 @@ backward is just the two matmuls that the unfused head runs too.
 Why no running max: the capped logits lie in [-cap, cap], so sum(exp(c - cap)) cannot
 overflow or lose the largest terms for any cap this recipe uses (checked at <= 60).
 
+Multi-token prediction (`softcap_mtp_loss`) scores the same logits against up to 4 targets per row
+(the next token and the ones after it): one log-sum-exp serves all of them, so the extra targets
+cost a few compares per logit, not another head.
+
+`fast_tanh=True` uses the GPU's tanh.approx instruction in the training pass (+1.0% step rate on
+an H100; gradients stay within 6e-5 of the reference).
+
 Optional FP8 (`fp8=True`, Hopper/Ada): the forward logits and the input gradient use
 `torch._scaled_mm` with e4m3 inputs (per-tensor scales from the current amax, a tiny reduction
 over x and W) and an e5m2 gradient with a static power-of-two scale (its entries lie in [-1, 1]).
