@@ -357,8 +357,8 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
 
 def matmul_params(model: GPT) -> int:
     """Parameters that cost 6 FLOPs per token in training (everything but the embedding lookups)."""
-    tables = [model.embed.weight, *[e.weight for e in model.value_embeds]]
-    lookups = sum(p.numel() for p in tables + ([model.bigram.weight] if model.bigram is not None else []))
+    tables = [model.embed, *model.value_embeds, *([model.bigram] if model.bigram is not None else [])]
+    lookups = sum(t.weight.numel() for t in tables)
     return sum(p.numel() for p in model.parameters()) - lookups
 
 

@@ -99,7 +99,7 @@ class TrainParams:
             raise ParamError("params.yaml: train.batch_stages must list at least one fraction ([1.0]: constant)")
         if p.batch_stage_lr and len(p.batch_stage_lr) != len(p.batch_stages):
             raise ParamError(f"params.yaml: train.batch_stage_lr needs one multiplier per batch stage "
-                             f"({len(p.batch_stages)}), got {len(p.batch_stage_lr)}")
+                             f"({len(p.batch_stages)}), got {len(p.batch_stage_lr)}; [] = x1 for every stage")
         if len(p.batch_stages) > p.steps:
             raise ParamError("params.yaml: train.batch_stages has more stages than train.steps")
         if len(p.mtp_weights) > 3:
