@@ -25,6 +25,7 @@ The weight gradient stays bf16: it would need the [tokens, vocab] gradient trans
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -172,6 +173,12 @@ def _fused(x: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, cap: flo
                                       cap, fp8, fast_tanh)
 
 
+@functools.cache
+def _unit_weight(device: torch.device) -> Tensor:
+    """The weight [1.0] of plain next-token CE, made once per device (no kernel launch per call)."""
+    return torch.ones(1, device=device)
+
+
 def mtp_targets(targets: Tensor, n: int) -> Tensor:
     """Next-token targets [N] -> [N, n]: column k holds the token k+1 places further on, -1 past
     the end of the sequence. Document borders are not masked (modded-nanogpt does not either:
@@ -207,5 +214,4 @@ def softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, cap: float
     """
     if not (fused and fused_available(x)) or cap > MAX_CAP:
         return reference_softcap_cross_entropy(x, weight, targets, cap)
-    one = torch.ones(1, device=x.device)
-    return _fused(x, weight, targets[:, None], one, float(cap), fp8, fast_tanh)[0]
+    return _fused(x, weight, targets[:, None], _unit_weight(x.device), float(cap), fp8, fast_tanh)[0]

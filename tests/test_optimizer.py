@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import math
-import re
 
 import pytest
 import torch
@@ -307,25 +306,15 @@ def test_recipe_keys_enter_the_fingerprint_only_off_their_legacy_value():
 def test_cpu_tiny_trains_with_every_recipe_switch_on(tmp_path):
     """4 steps (~1 s each on CPU, nearly all of it the model): finite, falling loss; the NorMuon
     second moment is in the checkpoint the run writes."""
-    from test_evaluate import write_tiny_shards
+    from test_recipe import train_cpu_tiny
 
     steps = 4
-    shards = tmp_path / "shards"
-    write_tiny_shards(shards, train_tokens=steps * 1024 + 1, val_tokens=600)
-    p = TrainParams(profile="cpu-tiny", steps=steps, val_every=0, val_tokens=512, ckpt_every=0,
-                    target_val_loss=20.0, muon_coeffs="polar-express", muon_normuon=True,
-                    muon_weight_decay=1.2)
-    p.validate()
-    root = tmp_path / "run"
-    paths = train_mod.Paths(shards=shards, checkpoints=root / "checkpoints", final=root / "final.pt",
-                            metrics=root / "train.json", live=None)
-    log: list[str] = []
-    run = train_mod.Run(p, paths, log=lambda *a, **k: log.append(" ".join(map(str, a))))
-    m = run.run()
+    run, m, losses = train_cpu_tiny(tmp_path, steps, val_every=0, muon_coeffs="polar-express",
+                                    muon_normuon=True, muon_weight_decay=1.2)
+    paths = run.paths
     assert (run.muon.coeffs, run.muon.normuon, run.muon.weight_decay) == ("polar-express", True, 1.2)
-    losses = [float(x) for x in re.findall(r"step\s+\d+/\d+ \| loss ([-\d.naif]+)", "\n".join(log))]
     print("train losses", losses, "val", m["final_val_loss"])
-    assert len(losses) == steps and all(math.isfinite(x) for x in losses), log
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[-2] < losses[0] - 0.5
     assert math.isfinite(m["final_val_loss"]) and m["final_val_loss"] < losses[0]
     state = torch.load(paths.latest, map_location="cpu", weights_only=True)["muon"]["state"]

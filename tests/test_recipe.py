@@ -110,15 +110,14 @@ def test_bigram_hash_rows():
     assert 36313 * 50303 < 2 ** 31 and 27191 * 50303 < 2 ** 31
 
 
-def test_cpu_tiny_trains_with_batch_stages_mtp_and_bigram(tmp_path):
+def train_cpu_tiny(tmp_path, steps: int, **params):
+    """A short cpu-tiny run on tiny English-like shards: (run, metrics, logged train losses)."""
     from test_evaluate import write_tiny_shards
 
-    steps = 6
     shards = tmp_path / "shards"
     write_tiny_shards(shards, train_tokens=steps * 1024 + 1, val_tokens=600)
-    p = TrainParams(profile="cpu-tiny", steps=steps, val_every=3, val_tokens=512, ckpt_every=0,
-                    target_val_loss=20.0, batch_stages=[0.5, 1.0], batch_stage_lr=[1.0, 1.2],
-                    mtp_weights=[0.5, 0.25], bigram_vocab=4099)
+    p = TrainParams(profile="cpu-tiny", steps=steps, val_tokens=512, ckpt_every=0, target_val_loss=20.0,
+                    **params)
     p.validate()
     root = tmp_path / "run"
     paths = train_mod.Paths(shards=shards, checkpoints=root / "checkpoints", final=root / "final.pt",
@@ -126,10 +125,16 @@ def test_cpu_tiny_trains_with_batch_stages_mtp_and_bigram(tmp_path):
     log: list[str] = []
     run = train_mod.Run(p, paths, log=lambda *a, **k: log.append(" ".join(map(str, a))))
     m = run.run()
+    losses = [float(x) for x in re.findall(r"step\s+\d+/\d+ \| loss ([-\d.naif]+)", "\n".join(log))]
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses), log
+    return run, m, losses
+
+
+def test_cpu_tiny_trains_with_batch_stages_mtp_and_bigram(tmp_path):
+    run, m, losses = train_cpu_tiny(tmp_path, 6, val_every=3, batch_stages=[0.5, 1.0],
+                                    batch_stage_lr=[1.0, 1.2], mtp_weights=[0.5, 0.25], bigram_vocab=4099)
     assert run.model.bigram is not None and run.model.bigram.weight.abs().sum() > 0   # it learned
     assert m["tokens"] == 3 * 512 + 3 * 1024
     assert [h["tokens"] for h in run.val_history] == [3 * 512, 3 * 512 + 3 * 1024]   # steps 3 and 6
-    losses = [float(x) for x in re.findall(r"step\s+\d+/\d+ \| loss ([-\d.naif]+)", "\n".join(log))]
-    assert len(losses) == steps and all(math.isfinite(x) for x in losses), log
     assert losses[-1] < losses[0] - 0.5
     assert math.isfinite(m["final_val_loss"]) and m["final_val_loss"] < losses[0]
