@@ -7,7 +7,10 @@
 2. the full model gives the same loss through FlexAttention (GPU) and the dense path (CPU);
 3. FP8 (torchao) on the MLP trains: loss after a few steps close to the bf16 run's;
 4. the fused Triton head + soft-capped CE (bf16 and FP8) == the PyTorch reference: loss and
-   gradients at full vocabulary, plus its fwd+bwd time against the compiled reference.
+   gradients at full vocabulary, plus its fwd+bwd time against the compiled reference;
+5. the fused ReLU^2 MLP kernels (mlp.py) at the training shape: output and gradients against an
+   fp32 reference (next to the unfused bf16 MLP's own error), and fwd+bwd time per tile shape
+   against the compiled unfused MLP.
 """
 from __future__ import annotations
 
@@ -137,6 +140,65 @@ def check_head(N: int = 16384, D: int = 768, V: int = 50304, cap: float = 30.0) 
     return out
 
 
+def _cuda_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, warp_specialize); the first is mlp.py's H100 default
+MLP_TILES = [(128, 256, 64, 4, 8, False), (128, 256, 64, 3, 8, False), (128, 256, 64, 4, 8, True),
+             (128, 128, 64, 5, 4, False), (256, 128, 64, 4, 8, False)]
+
+
+def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES) -> dict:
+    """Fused ReLU^2 MLP vs the unfused one: errors against fp32, and fwd+bwd / kernel times."""
+    import speedrun.mlp as mlp
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, D, device="cuda", generator=g).bfloat16()
+    w1 = (torch.randn(4 * D, D, device="cuda", generator=g) * D ** -0.5).bfloat16()
+    w2 = (torch.randn(D, 4 * D, device="cuda", generator=g) * (4 * D) ** -0.5).bfloat16()
+    gy = torch.randn(M, D, device="cuda", generator=g).bfloat16()
+    unfused = torch.compile(mlp.reference_mlp, dynamic=False)
+
+    def fwd_bwd(fn, dtype=torch.bfloat16):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (x, w1, w2)]
+        y = fn(*leaves)
+        y.backward(gy.to(dtype))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    ref = fwd_bwd(mlp.reference_mlp, torch.float32)
+
+    def errors(res):
+        return [round(((a.float() - b).norm() / b.norm()).item(), 6) for a, b in zip(res, ref)]
+
+    out = {"shape": [M, D, 4 * D], "err_order": ["out", "dx", "dw1", "dw2"],
+           "unfused_bf16_err": errors(fwd_bwd(unfused)),
+           "unfused_fwd_bwd_ms": round(_cuda_ms(lambda: fwd_bwd(unfused)), 3),
+           "cublas_up_ms": round(_cuda_ms(lambda: x @ w1.t()), 3),
+           "cublas_grad_ms": round(_cuda_ms(lambda: gy @ w2), 3)}
+    pre = x @ w1.t()
+    for tile in tiles:
+        mlp.KERNEL_CONFIG = tile
+        key = "x".join(map(str, tile[:5])) + ("_ws" if tile[5] else "")
+        try:
+            out[key] = {"err": errors(fwd_bwd(mlp.relu2_mlp)),
+                        "fwd_bwd_ms": round(_cuda_ms(lambda: fwd_bwd(mlp.relu2_mlp)), 3),
+                        "up_kernel_ms": round(_cuda_ms(lambda: mlp.linear_relu2(x, w1)), 3),
+                        "grad_kernel_ms": round(_cuda_ms(lambda: mlp.linear_relu2_grad(gy, w2, pre)), 3)}
+        except Exception as e:   # a tile that does not fit this GPU's shared memory
+            out[key] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    mlp.KERNEL_CONFIG = None
+    return out
+
+
 def main() -> None:
     masks = check_masks()
     worst = max(m["rel_err"] for m in masks)
@@ -144,6 +206,7 @@ def main() -> None:
     print(json.dumps(check_model_paths()))
     print(json.dumps(check_fp8()))
     print(json.dumps(check_head()))
+    print(json.dumps(check_mlp()))
     print("MASKS", "OK" if worst < 1e-2 else "MISMATCH")
 
 

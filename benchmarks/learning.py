@@ -48,6 +48,7 @@ VARIANTS = {
     "records": {"batch_tokens": "1.5x", "batch_stages": [1 / 3, 2 / 3, 1.0],
                 "batch_stage_lr": [1.0, 1.52, 1.73], "mtp_weights": [0.5, 0.25], "bigram_vocab": 5 * 50304},
     "exact_tanh": {"fast_tanh": False},
+    "unfused_mlp": {"fused_mlp": False},
     # equal seconds with every schedule complete: fewer steps by the measured slowdown
     # (bigram 5x vocab: 488k vs 502k tok/s in learning-imdb-h100-r5)
     "bigram_eqtime": {"bigram_vocab": 5 * 50304, "steps_frac": 0.97},

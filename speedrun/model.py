@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .head import mtp_targets, softcap_cross_entropy, softcap_mtp_loss
+from .mlp import relu2_mlp
 
 EOT_ID = 50256          # <|endoftext|>: placed before every document by tokenize_shards
 BLOCK_SIZE = 128        # FlexAttention block size; windows and sequence lengths are multiples of it
@@ -140,8 +141,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
+        self.fused = False   # ReLU^2 inside the matmul kernels (mlp.py); same weights, same function
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 

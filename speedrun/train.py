@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .errors import ParamError, SpeedrunError
 from .evaluate import evaluate_loss
 from .loader import BatchLoader, TokenStream
+from .mlp import kernels_run_on
 from .metrics import (Stopwatch, device_name, fmt_duration, fmt_rate, git_commit,
                       measure_bf16_tflops, peak_memory_gib)
 from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
@@ -80,6 +81,7 @@ class TrainParams:
     fp8: str = param("off", choices=["auto", "on", "off"])
     fp8_head: str = param("auto", choices=["auto", "on", "off"])
     fused_ce: bool = param(True)
+    fused_mlp: bool = param(True)
     fast_tanh: bool = param(True)
     warmup_steps: int = param(3, ge=0)
 
@@ -113,7 +115,7 @@ CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, 
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
 RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
-                    "fp8_head", "fused_ce", "fast_tanh"}
+                    "fp8_head", "fused_ce", "fast_tanh", "fused_mlp"}
 # recipe keys added after checkpoints existed, with the behaviour runs had before each key: a
 # key counts in the fingerprint only when it differs from that, so older checkpoints still
 # resume, and a default that changes later can never pass for the old behaviour
@@ -347,6 +349,12 @@ class Run:
         self.fp8 = enable_fp8(self.model, p.fp8, self.device)
         self.model.fused_ce = p.fused_ce
         self.model.fast_tanh = p.fast_tanh
+        # the fused MLP kernels need Hopper+ (TMA); torchao FP8 replaces the MLP linears: its own
+        # matmuls. On CPU the fused path is plain PyTorch (the tiny profile tests its wiring).
+        self.fused_mlp = p.fused_mlp and not self.fp8 and (self.device.type == "cpu"
+                                                           or kernels_run_on(self.device))
+        for block in self.model.blocks:
+            block.mlp.fused = self.fused_mlp
         self.model.fp8_head = self.fp8_head = fp8_wanted(p.fp8_head, self.device, "fp8_head")
         self.initial_state = copy.deepcopy(self.model.state_dict())
         self._mtp = torch.zeros(1 + len(p.mtp_weights), device=self.device)   # filled per step
@@ -691,6 +699,7 @@ class Run:
             "fp8": self.fp8,
             "fp8_head": self.fp8_head,
             "fused_ce": p.fused_ce,
+            "fused_mlp": self.fused_mlp,
             "fast_tanh": p.fast_tanh,
             "compile": p.compile,
             "recompiles_after_warmup": int(recompiles),

@@ -1,0 +1,105 @@
+"""The ReLU^2 MLP with its elementwise work inside the matmul kernels (speedrun/mlp.py).
+
+On CPU the custom ops run plain PyTorch, which tests the autograd wiring (which matmul gets which
+saved tensor) and that a compiled block takes the ops without a graph break. The Triton kernels
+themselves run through Triton's interpreter where Triton is installed (fp32: the interpreter
+mis-reads bf16); `python -m benchmarks.gpu_checks` checks them in bf16 on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import PROJECT
+from test_head import needs_triton
+from test_recipe import train_cpu_tiny
+
+from speedrun.mlp import reference_mlp, relu2_mlp
+from speedrun.model import MLP, norm
+
+
+def _grads(fn, x, w1, w2, g):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2)]
+    out = fn(*leaves)
+    out.backward(g)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_ops_give_the_unfused_mlp_and_its_gradients(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 32).to(dtype)
+    w1, w2 = (torch.randn(128, 32) / 6).to(dtype), (torch.randn(32, 128) / 11).to(dtype)
+    g = torch.randn(2, 24, 32).to(dtype)
+    fused, ref = _grads(relu2_mlp, x, w1, w2, g), _grads(reference_mlp, x, w1, w2, g)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("out", "dx", "dw1", "dw2"), fused, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
+
+
+def test_compiled_block_takes_the_fused_mlp_without_graph_break():
+    """fullgraph=True fails on any graph break: the custom ops must trace as opaque calls."""
+    torch.manual_seed(0)
+    mlp = MLP(32)
+    torch.nn.init.normal_(mlp.c_proj.weight, std=0.05)   # zero init would hide a wrong dx / dw1
+
+    def residual(x):
+        return x + mlp(norm(x))
+
+    x = torch.randn(1, 64, 32)
+    results = {}
+    for fused in (True, False):
+        mlp.fused = fused
+        mlp.zero_grad()
+        xr = x.clone().requires_grad_()
+        fn = torch.compile(residual, fullgraph=True, dynamic=False) if fused else residual
+        fn(xr).square().sum().backward()
+        results[fused] = [xr.grad, mlp.c_fc.weight.grad, mlp.c_proj.weight.grad]
+    for a, b in zip(results[True], results[False]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_switch_reaches_every_block_and_keeps_the_loss(tmp_path):
+    on, m_on, losses_on = train_cpu_tiny(tmp_path / "on", 3, fused_mlp=True)
+    off, m_off, losses_off = train_cpu_tiny(tmp_path / "off", 3, fused_mlp=False)
+    assert all(b.mlp.fused for b in on.model.blocks) and not any(b.mlp.fused for b in off.model.blocks)
+    assert m_on["fused_mlp"] is True and m_off["fused_mlp"] is False
+    assert losses_on == pytest.approx(losses_off, rel=1e-4)
+
+
+_INTERPRETED = r"""
+import json, torch
+from speedrun.mlp import linear_relu2, reference_mlp, relu2_mlp
+torch.manual_seed(0)
+out = []
+# (tokens, dim, hidden): multiples of the interpreter's 32x32x16 tiles, and ragged ones (masks)
+for M, K, N in [(64, 32, 128), (50, 40, 72)]:
+    x, g = torch.randn(M, K), torch.randn(M, K)
+    w1, w2 = torch.randn(N, K) / K ** 0.5, torch.randn(K, N) / N ** 0.5
+    res = []
+    for fn in (relu2_mlp, reference_mlp):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+        y = fn(*leaves)
+        y.backward(g)
+        res.append([y.detach()] + [t.grad for t in leaves])
+    pre, post = linear_relu2(x, w1)
+    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(*res)]
+    out.append({"shape": [M, K, N], "errs": errs,
+                "post_err": ((post - torch.relu(x @ w1.t()).square()).norm()).item()})
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+def test_interpreted_kernels_match_the_unfused_mlp():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for case in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert max(case["errs"]) < 1e-5 and case["post_err"] < 1e-4, case
