@@ -1,14 +1,20 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the default recipe.
 
-    python -m benchmarks.profile_step [--steps 2] [--variant default]
+    python -m benchmarks.profile_step [--steps 2] [--variant default] [--gaps FILE]
 
 Prints the CUDA kernels grouped by family (matmul, attention, elementwise/fused, optimizer, ...) and
 the top kernels, so throughput work can aim at the largest share instead of guessing.
+`--gaps FILE` also records the host side and writes where the GPU sat idle between kernels: each
+gap with the kernel that ended it, how long before its start the host launched it (about 0: the
+GPU was waiting for the host), the host ops running at that launch, and every synchronising
+CUDA call, so a stall can be traced to its line.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
+import json
 import tempfile
 import time
 from collections import defaultdict
@@ -22,6 +28,70 @@ FAMILIES = [  # first match wins; substrings of kernel names
     ("copies", ("copy", "memcpy", "memset", "cat")),
     ("triton fused (norms, rotary, relu^2, ...)", ("triton",)),
 ]
+
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMalloc", "cudaFree")
+
+
+def idle_gaps(trace: dict, min_gap_us: float = 10.0) -> dict:
+    """GPU idle intervals of a Chrome trace (torch.profiler with CPU and CUDA) and their host context."""
+    ev = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e for e in ev if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    runtime = [e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")]   # Triton launches: driver API
+    launch = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
+    host_ops = sorted((e for e in ev if e.get("cat") in ("cpu_op", "user_annotation", "python_function")),
+                      key=lambda e: e["ts"])
+    starts = [e["ts"] for e in host_ops]
+
+    def host_at(t: float) -> list[str]:
+        # ops whose interval contains t, outermost first (ops start before t: bisect the sorted starts)
+        i = bisect.bisect_right(starts, t)
+        inside = [e for e in host_ops[max(0, i - 4000):i] if e["ts"] + e["dur"] >= t]
+        return [e["name"][:70] for e in sorted(inside, key=lambda e: -e["dur"])]
+
+    gaps, busy_end, prev = [], gpu[0]["ts"] + gpu[0]["dur"], gpu[0]
+    for k in gpu[1:]:
+        gap = k["ts"] - busy_end
+        if gap > min_gap_us:
+            ln = launch.get(k.get("args", {}).get("correlation"))
+            ctx = host_at(ln["ts"]) if ln else []
+            gaps.append({"gap_us": round(gap, 1), "prev_kernel": prev["name"][:60], "next_kernel": k["name"][:80],
+                         "launched_us_before_start": round(k["ts"] - ln["ts"], 1) if ln else None,
+                         "host_outer": ctx[:2], "host_inner": ctx[-2:]})
+        if k["ts"] + k["dur"] > busy_end:
+            busy_end, prev = k["ts"] + k["dur"], k
+    span = busy_end - gpu[0]["ts"]
+    by_inner = defaultdict(float)
+    for g in gaps:
+        by_inner[" < ".join(g["host_inner"][::-1]) or "?"] += g["gap_us"]
+    syncs = defaultdict(lambda: [0, 0.0])
+    for e in runtime:
+        if e["name"] in SYNC_CALLS:
+            syncs[e["name"]][0] += 1
+            syncs[e["name"]][1] += e["dur"]
+    return {"span_ms": round(span / 1e3, 2), "idle_ms": round(sum(g["gap_us"] for g in gaps) / 1e3, 2),
+            "gaps_over_min": len(gaps), "min_gap_us": min_gap_us,
+            "idle_by_host_op_ms": {k: round(v / 1e3, 2) for k, v in sorted(by_inner.items(), key=lambda kv: -kv[1])[:25]},
+            "sync_calls": {k: {"count": c, "ms": round(t / 1e3, 2)} for k, (c, t) in syncs.items()},
+            "idle_by_next_kernel_ms": _top_sums(gaps, lambda g: g["next_kernel"][:60]),
+            "idle_by_prev_kernel_ms": _top_sums(gaps, lambda g: g["prev_kernel"]),
+            "largest_gaps": sorted(gaps, key=lambda g: -g["gap_us"])[:40]}
+
+
+def gpu_times(trace: dict):
+    """(kernel name, microseconds) of every GPU row of a Chrome trace."""
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATS:
+            yield e["name"], e["dur"]
+
+
+def _top_sums(gaps: list[dict], key) -> dict:
+    sums = defaultdict(float)
+    for g in gaps:
+        sums[key(g)] += g["gap_us"]
+    return {k: round(v / 1e3, 2) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])[:15]}
 
 
 def family(name: str) -> str:
@@ -38,6 +108,7 @@ def main() -> None:
     ap.add_argument("--variant", default="default")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--gaps", default=None, help="JSON file: GPU idle gaps and their host context")
     args = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -58,19 +129,26 @@ def main() -> None:
     window = run.window_tensor(p.steps // 2)
     run.train_step(0, loader.get(0), window)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.gaps else [])
+    with profile(activities=acts) as prof:
         t = time.perf_counter()
         for s in range(1, args.steps + 1):
             run.train_step(s, loader.get(s), window)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / args.steps
+    trace = None
+    if args.gaps:   # host ops are in the profile too: take kernel times from the trace's GPU rows only
+        path = tmp / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
     per_fam, per_kernel = defaultdict(float), defaultdict(float)
-    for evt in prof.key_averages():
-        us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+    for name, us in (gpu_times(trace) if trace else
+                     ((e.key, getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0))
+                      for e in prof.key_averages())):
         if us <= 0:
             continue
-        per_kernel[evt.key] += us
-        per_fam[family(evt.key)] += us
+        per_kernel[name] += us
+        per_fam[family(name)] += us
     total = sum(per_fam.values())
     print(f"step wall {wall * 1e3:.1f} ms, GPU kernel time {total / 1e3 / args.steps:.1f} ms per step")
     print("| family | ms/step | share |\n|---|---|---|")
@@ -79,6 +157,15 @@ def main() -> None:
     print("\ntop kernels:")
     for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]:
         print(f"{us / 1e3 / args.steps:8.2f} ms  {family(name):28s} {name[:110]}")
+    if args.gaps:
+        from speedrun.atomic import write_json
+
+        gaps = idle_gaps(trace)
+        write_json(args.gaps, gaps)
+        print(f"GPU idle {gaps['idle_ms']:.1f} ms of {gaps['span_ms']:.1f} ms ({args.steps} steps) in "
+              f"{gaps['gaps_over_min']} gaps over {gaps['min_gap_us']:.0f} us; sync calls {dict(gaps['sync_calls'])}")
+        for op, ms in list(gaps["idle_by_host_op_ms"].items())[:12]:
+            print(f"{ms:8.2f} ms idle  while host in: {op}")
     if args.out:
         from speedrun.atomic import write_json
 

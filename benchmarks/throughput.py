@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 # name -> overrides of params.yaml's train section; "flex" sets FlexAttention kernel_options,
-# "mlp_tile" the fused MLP kernels' (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+# "mlp_tile" the fused MLP kernels' (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, warp_specialize),
+# "prefetch_masks" train.PREFETCH_MASKS
 VARIANTS = {
     "default": {},
     "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
@@ -33,6 +34,7 @@ VARIANTS = {
     "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
     "unfused_mlp": {"fused_mlp": False},          # ReLU^2 as compiled pointwise kernels (mlp.py)
+    "masks_after_backward": {"prefetch_masks": False},   # train.PREFETCH_MASKS off
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
     "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
@@ -75,6 +77,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
 
     import speedrun.mlp
     import speedrun.model
+    import speedrun.train
     from speedrun.metrics import measure_bf16_tflops
     from speedrun.model import flops_per_token, matmul_params
     from speedrun.params import load_section
@@ -82,7 +85,8 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     from speedrun.train import Paths, Run, TrainParams, effective
 
     base = load_section("train", TrainParams, params_path)
-    train_overrides = {k: v for k, v in overrides.items() if k not in ("flex", "mlp_tile")}
+    train_overrides = {k: v for k, v in overrides.items() if k not in ("flex", "mlp_tile", "prefetch_masks")}
+    speedrun.train.PREFETCH_MASKS = overrides.get("prefetch_masks", True)
     speedrun.model.FLEX_KERNEL_OPTIONS = overrides.get("flex")
     speedrun.mlp.KERNEL_CONFIG = tuple(overrides["mlp_tile"]) if "mlp_tile" in overrides else None
     p = dataclasses.replace(base, **train_overrides)

@@ -274,11 +274,19 @@ class GPT(nn.Module):
         k, L = len(ve), self.cfg.n_layer
         return ve + [None] * (L - 2 * k) + ve
 
-    def hidden_states(self, tokens: Tensor, window_blocks: Tensor) -> Tensor:
-        """tokens: 1-D int tensor (a multiple of 128 long) -> final normed states [1, T, dim]."""
+    @staticmethod
+    def attention_masks(tokens: Tensor, window_blocks: Tensor) -> tuple[BlockMask | Tensor, BlockMask | Tensor]:
+        """(long, short) window masks of a sequence: BlockMasks on GPU, dense bool masks on CPU."""
         long_bm, short_bm = document_window_masks(tokens, window_blocks)
         if not tokens.is_cuda:
             long_bm, short_bm = dense_mask(long_bm, tokens), dense_mask(short_bm, tokens)
+        return long_bm, short_bm
+
+    def hidden_states(self, tokens: Tensor, window_blocks: Tensor, masks: tuple | None = None) -> Tensor:
+        """tokens: 1-D int tensor (a multiple of 128 long) -> final normed states [1, T, dim].
+
+        `masks`: this sequence's `attention_masks`, when the caller built them ahead of time."""
+        long_bm, short_bm = masks if masks is not None else self.attention_masks(tokens, window_blocks)
         x0, bigram = self.embed_inputs(tokens)
         x = x0
         ve = self.value_embed_per_layer(tokens)
@@ -325,11 +333,11 @@ class GPT(nn.Module):
         return self.loss(self.hidden_states(tokens, window_blocks), targets)
 
     def train_loss(self, tokens: Tensor, targets: Tensor, window_blocks: Tensor,
-                   mtp_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+                   mtp_weights: Tensor | None, masks: tuple | None = None) -> tuple[Tensor, Tensor]:
         """(objective to minimise, next-token CE to report). With multi-token prediction the
         objective adds weighted CE terms for the tokens after the next (weights: device tensor
         [1 + extra], see schedule.mtp_weights); without it both are the next-token CE."""
-        x = self.hidden_states(tokens, window_blocks)
+        x = self.hidden_states(tokens, window_blocks, masks)
         if mtp_weights is None:
             loss = self.loss(x, targets)
             return loss, loss.detach()

@@ -108,6 +108,10 @@ class TrainParams:
             raise ParamError("params.yaml: train.mtp_weights takes at most 3 extra targets")
 
 
+# build each micro-batch's attention masks before the previous backward (False: after it, as a
+# plain loop would; benchmarks.throughput's `masks_after_backward` variant measures the difference)
+PREFETCH_MASKS = True
+
 # The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
 CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
                 batch_tokens=1024, micro_batch_tokens=256, window_start=128, window_end=256,
@@ -387,10 +391,17 @@ class Run:
                 self._mtp[k].fill_(w)   # in place, no host->device copy, no recompile
             mtp = self._mtp
         loss_sum = torch.zeros((), device=self.device)
-        for x, y in batches:
-            objective, ce = self.model.train_loss(x, y, window, mtp)
+        masks = self.model.attention_masks(batches[0][0], window)
+        for i, (x, y) in enumerate(batches):
+            objective, ce = self.model.train_loss(x, y, window, mtp, masks)
+            if PREFETCH_MASKS and i + 1 < len(batches):
+                # the next micro-batch's masks: ~30 small host-heavy ops, built here while the GPU
+                # still has this forward queued; built after backward, the GPU would drain and wait
+                masks = self.model.attention_masks(batches[i + 1][0], window)
             (objective / n_micro).backward()
             loss_sum += ce / n_micro
+            if not PREFETCH_MASKS and i + 1 < len(batches):
+                masks = self.model.attention_masks(batches[i + 1][0], window)
         if self.world > 1:
             grads = [q.grad for q in self.model.parameters() if q.grad is not None]
             handles = [dist.all_reduce(g, async_op=True) for g in grads]  # sum of 1/n_micro shares

@@ -99,3 +99,16 @@ def test_eot_starts_a_document_and_blocks_the_smear_gate():
     t[199] = (t[199] + 5) % 50000
     diff = (model.hidden_states(t, wb)[0] - base).abs().amax(dim=-1)
     assert diff[199] > 1e-5 and not (diff[200:] > 1e-5).any()
+
+
+@torch.no_grad()
+def test_masks_built_ahead_give_the_same_loss_and_belong_to_their_sequence():
+    """The trainer builds micro-batch i+1's masks before micro-batch i's backward: passing them in
+    must equal building them inside, and another sequence's masks must change the result."""
+    model = _random_model()
+    tokens, other = _tokens([0, 200, 300], seed=1), _tokens([0, 100], seed=2)
+    targets, wb = tokens.roll(-1), torch.tensor(2, dtype=torch.int32)
+    inside = model.train_loss(tokens, targets, wb, None)[0]
+    ahead = model.train_loss(tokens, targets, wb, None, model.attention_masks(tokens, wb))[0]
+    wrong = model.train_loss(tokens, targets, wb, None, model.attention_masks(other, wb))[0]
+    assert torch.equal(inside, ahead) and not torch.allclose(inside, wrong)
