@@ -41,6 +41,33 @@ def check_masks() -> list[dict]:
     return out
 
 
+def check_safe_rows() -> dict:
+    """FlexAttention with kernel option ROWS_GUARANTEED_SAFE vs without, standalone, on training-like
+    masks: outputs and the three gradients. Measured bit-identical (gpu-checks-safe-rows-h100.log),
+    yet training with the option gives a NaN loss at step 0 (learning-imdb-h100-r9): the cause lies
+    in what this check does not reproduce (inside the compiled block, 32k tokens, real activations)."""
+    from speedrun.model import _flex_attention, document_window_masks
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, worst = 8192, 0.0
+    for doc_every in (50, 700, 5000):
+        toks = torch.randint(0, 50000, (T,), device="cuda", generator=g)
+        toks[torch.randint(0, T, (max(1, T // doc_every),), device="cuda", generator=g)] = 50256
+        for wb in (2, 8, 14):
+            for bm in document_window_masks(toks, torch.tensor(wb, dtype=torch.int32, device="cuda")):
+                q, k, v = (torch.randn(1, 6, T, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+                           for _ in range(3))
+                outs = []
+                for opts in (None, {"ROWS_GUARANTEED_SAFE": True}):
+                    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+                    y = _flex_attention(qq, kk, vv, block_mask=bm, scale=0.12, kernel_options=opts)
+                    y.float().square().sum().backward()
+                    outs.append([y.detach(), qq.grad, kk.grad, vv.grad])
+                for a, b in zip(*outs):
+                    worst = max(worst, ((a.float() - b.float()).norm() / b.float().norm()).item())
+    return {"safe_rows_vs_default_worst_rel_err": worst}
+
+
 def check_model_paths() -> dict:
     from speedrun.model import GPT, GPTConfig
 
