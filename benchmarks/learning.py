@@ -49,9 +49,12 @@ VARIANTS = {
                 "batch_stage_lr": [1.0, 1.52, 1.73], "mtp_weights": [0.5, 0.25], "bigram_vocab": 5 * 50304},
     "exact_tanh": {"fast_tanh": False},
     "unfused_mlp": {"fused_mlp": False},
-    # FlexAttention told that every query row keeps at least one key (true here: each token sees
-    # itself). Training diverges to NaN at step 0 with it (learning-imdb-h100-r9): kept to show it
+    "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},   # the FP8 head's weight gradient as a bf16 matmul
+    # FlexAttention told that every query row keeps at least one key. True of the row, false of
+    # the first 64-key tile the kernel visits (gpu_checks.rows_nan_without_guard): NaN at step 0
+    # (learning-imdb-h100-r9). With 128-key forward tiles the first tile holds the row's own key
     "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
+    "flex_safe_rows_n128": {"flex": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_N": 128, "fwd_num_stages": 2}},
     # equal seconds with every schedule complete: fewer steps by the measured slowdown
     # (bigram 5x vocab: 488k vs 502k tok/s in learning-imdb-h100-r5)
     "bigram_eqtime": {"bigram_vocab": 5 * 50304, "steps_frac": 0.97},
@@ -72,8 +75,10 @@ def run_variant(name: str, args) -> dict:
                   val_tokens=args.val_tokens, val_every=max(1, args.steps // args.evals), ckpt_every=0,
                   muon_momentum_warmup=min(base.muon_momentum_warmup, args.steps // 2))
     overrides = dict(VARIANTS[name])
+    import speedrun.head
     import speedrun.model
     speedrun.model.FLEX_KERNEL_OPTIONS = overrides.pop("flex", None)
+    speedrun.head.FP8_WEIGHT_GRAD = overrides.pop("fp8_wgrad", speedrun.head.FP8_WEIGHT_GRAD)
     if overrides.get("batch_tokens") == "1.5x":   # stages whose mean is the budget's batch
         overrides["batch_tokens"] = args.batch_tokens * 3 // 2
     if "steps_frac" in overrides:   # a shorter run, schedule (cooldown) complete

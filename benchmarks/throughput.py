@@ -8,13 +8,15 @@ shards) on synthetic shards (random ids with a document break every ~600 tokens)
 compile + warm-up seconds (untimed in a real run), tokens/s at the first, middle and last window
 of the schedule, their schedule-weighted mean (Simpson's rule over the linear window ramp),
 MFU against the bf16 matmul rate measured in the same process, peak memory, and the number of
-graphs compiled after warm-up (must be 0).
+graphs compiled after warm-up (must be 0). A variant whose training loss turns non-finite is
+reported INVALID, without a speed: NaN data runs faster than real data.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +28,7 @@ import numpy as np
 
 # name -> overrides of params.yaml's train section; "flex" sets FlexAttention kernel_options,
 # "mlp_tile" the fused MLP kernels' (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, warp_specialize),
-# "prefetch_masks" train.PREFETCH_MASKS
+# "prefetch_masks" train.PREFETCH_MASKS, "fp8_wgrad" head.FP8_WEIGHT_GRAD
 VARIANTS = {
     "default": {},
     "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
@@ -34,6 +36,7 @@ VARIANTS = {
     "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
     "unfused_mlp": {"fused_mlp": False},          # ReLU^2 as compiled pointwise kernels (mlp.py)
+    "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},      # FP8 head's weight gradient as a bf16 matmul
     "masks_after_backward": {"prefetch_masks": False},   # train.PREFETCH_MASKS off
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
@@ -46,9 +49,22 @@ VARIANTS = {
     "flex_bwd_w8": {"flex": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64,
                              "bwd_num_warps": 8}},
     "flex_fwd128": {"flex": {"BLOCK_M": 128, "BLOCK_N": 128}},
-    # NOT a valid speed-up: its 569k tok/s (r15) comes with a NaN training loss (learning r9)
+    # NOT a valid speed-up: its 569k tok/s (r15) came with a NaN loss: the first 64-key tile of a
+    # row can be all masked (gpu_checks.rows_nan_without_guard); now flagged INVALID by the benchmark
     "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
+    # the guard dropped where it is provably safe: 128-key forward tiles (diagonal block first)
+    "flex_safe_rows_n128": {"flex": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_N": 128, "fwd_num_stages": 2}},
+    "flex_fwd_n128": {"flex": {"BLOCK_N": 128, "fwd_num_stages": 2}},   # the tile alone
+    "flex_tma": {"flex": {"USE_TMA": True}},      # TMA loads in FlexAttention's kernels (Hopper)
 }
+
+
+def invalid_reason(losses: dict[str, float]) -> str | None:
+    """Why a variant's speed must not be reported: a non-finite training loss. Besides being
+    wrong, NaN data runs FASTER on a GPU (tensor cores fed constant bits draw less power, so the
+    clock throttles less): r15's ROWS_GUARANTEED_SAFE "+10.7%" was exactly that."""
+    bad = {phase: loss for phase, loss in losses.items() if not math.isfinite(loss)}
+    return f"non-finite training loss {bad}" if bad else None
 
 
 def synthetic_shards(root: Path, train_tokens: int, val_tokens: int) -> Path:
@@ -86,7 +102,11 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     from speedrun.train import Paths, Run, TrainParams, effective
 
     base = load_section("train", TrainParams, params_path)
-    train_overrides = {k: v for k, v in overrides.items() if k not in ("flex", "mlp_tile", "prefetch_masks")}
+    import speedrun.head
+
+    train_overrides = {k: v for k, v in overrides.items()
+                       if k not in ("flex", "mlp_tile", "prefetch_masks", "fp8_wgrad")}
+    speedrun.head.FP8_WEIGHT_GRAD = overrides.get("fp8_wgrad", speedrun.head.FP8_WEIGHT_GRAD)
     speedrun.train.PREFETCH_MASKS = overrides.get("prefetch_masks", True)
     speedrun.model.FLEX_KERNEL_OPTIONS = overrides.get("flex")
     speedrun.mlp.KERNEL_CONFIG = tuple(overrides["mlp_tile"]) if "mlp_tile" in overrides else None
@@ -114,7 +134,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     data_step = 0
     result = {"variant": name, "overrides": overrides, "compile_warmup_s": round(warmup_s, 2),
               "build_s": round(time.perf_counter() - t0 - warmup_s, 2)}
-    rates = {}
+    rates, losses = {}, {}
     for phase, sched_step in phases.items():
         window = run.window_tensor(sched_step)
         for _ in range(settle):
@@ -123,10 +143,11 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
         torch.cuda.synchronize(device)
         t = time.perf_counter()
         for _ in range(steps_per_window):
-            run.train_step(sched_step, loader.get(data_step), window)
+            loss = run.train_step(sched_step, loader.get(data_step), window)
             data_step += 1
         torch.cuda.synchronize(device)
         dt = (time.perf_counter() - t) / steps_per_window
+        losses[phase] = loss.item()   # after the clock stopped
         progress(f"{name}: {phase} window: {dt * 1e3:.1f} ms/step")
         rates[phase] = p.batch_tokens / dt
         result[f"window_{phase}"] = window_blocks(sched_step, ep.steps, ep.window_start, ep.window_end) * 128
@@ -141,6 +162,8 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     fpt = flops_per_token(run.cfg, matmul_params(run.model), mean_window)
     result.update({
         "tokens_per_s_schedule_mean": round(mean_rate, 1),
+        "train_loss": {k: round(v, 4) for k, v in losses.items()},
+        "invalid": invalid_reason(losses),
         "flops_per_token": fpt,
         "bf16_matmul_tflops_measured": round(peak_tflops, 1),
         "mfu": round(fpt * mean_rate / (peak_tflops * 1e12), 4),
@@ -163,6 +186,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | error: {r['error'][:60]} |||||||| ")
+            continue
+        if r.get("invalid"):   # its speed is not a result: say why instead
+            lines.append(f"| {r['variant']} | INVALID: {r['invalid'][:70]} |||||||| ")
             continue
         lines.append(
             f"| {r['variant']} | {r['tokens_per_s_start'] / 1e3:.0f}k | {r['tokens_per_s_middle'] / 1e3:.0f}k "

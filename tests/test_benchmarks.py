@@ -1,7 +1,16 @@
-"""CPU-checkable parts of the GPU benchmarks: the idle-gap analysis of benchmarks.profile_step."""
+"""CPU-checkable parts of the GPU benchmarks: the idle-gap analysis of benchmarks.profile_step,
+the NaN-row prediction for FlexAttention's ROWS_GUARANTEED_SAFE, and the validity checks that keep
+a broken variant's speed out of the results."""
 from __future__ import annotations
 
+import math
+
+import torch
+
+from benchmarks.gpu_checks import rows_nan_without_guard, worst_of
 from benchmarks.profile_step import gpu_times, idle_gaps
+from benchmarks.throughput import invalid_reason
+from speedrun.model import EOT_ID, document_window_masks
 
 
 def _x(cat, name, ts, dur, corr=None):
@@ -31,3 +40,50 @@ def test_idle_gaps_finds_the_stall_and_the_host_op_that_caused_it():
     assert g["idle_by_host_op_ms"] == {"aten::arange < build_masks": 0.25}
     assert g["sync_calls"] == {"cudaStreamSynchronize": {"count": 1, "ms": 0.02}}
     assert sorted(gpu_times(trace)) == [("Memcpy HtoD", 100), ("matmul", 100), ("norm", 50), ("tiny", 5)]
+
+
+def _masks(tokens, window_blocks):
+    return document_window_masks(tokens, torch.tensor(window_blocks, dtype=torch.int32))
+
+
+def test_rows_nan_without_guard_counts_a_late_document_start_in_the_first_64_key_tile():
+    toks = torch.randint(0, 50000, (1024,), generator=torch.Generator().manual_seed(0))
+    toks[100] = EOT_ID   # a document starts 100 tokens into block 0: rows 100..127 see only
+    for long_or_short in _masks(toks, 4):   # masked keys in block 0's first 64-key tile
+        assert rows_nan_without_guard(toks, long_or_short, 64) == 28
+        # 128-key tiles: the first tile is the whole diagonal block, which holds the row itself
+        assert rows_nan_without_guard(toks, long_or_short, 128) == 0
+
+
+def test_rows_nan_without_guard_is_zero_when_documents_start_in_first_tile_halves():
+    toks = torch.randint(0, 50000, (1024,), generator=torch.Generator().manual_seed(1))
+    toks[[0, 130, 300, 520]] = EOT_ID   # offsets 0, 2, 44, 8 within their blocks: all below 64
+    assert toks.ne(EOT_ID).sum() == 1020
+    for bm in _masks(toks, 3):
+        assert rows_nan_without_guard(toks, bm, 64) == 0
+
+
+def test_rows_nan_without_guard_on_training_like_documents():
+    g = torch.Generator().manual_seed(2)
+    toks = torch.randint(0, 50000, (4096,), generator=g)
+    toks[torch.randint(0, 4096, (8,), generator=g)] = EOT_ID
+    starts = (toks == EOT_ID).nonzero().flatten()
+    late = [int(s) for s in starts if int(s) % 128 >= 64]
+    long_bm, _ = _masks(toks, 8)
+    n64 = rows_nan_without_guard(toks, long_bm, 64)
+    # every late start leaves its rows up to the block end unsafe (unless another start follows)
+    assert (n64 > 0) == bool(late)
+    assert n64 <= sum(128 - s % 128 for s in late)
+    assert rows_nan_without_guard(toks, long_bm, 128) == 0
+
+
+def test_worst_of_treats_nan_as_the_worst_error():
+    assert max([0.0, float("nan")]) == 0.0          # the trap: max() kept the first value
+    assert math.isnan(worst_of([0.0, float("nan"), 1e-3]))
+    assert worst_of([1e-4, 3e-3, 2e-3]) == 3e-3
+
+
+def test_invalid_reason_flags_non_finite_losses_only():
+    assert invalid_reason({"start": 10.9, "middle": 10.5, "end": 10.2}) is None
+    assert "nan" in invalid_reason({"start": 10.9, "middle": float("nan"), "end": float("nan")})
+    assert "inf" in invalid_reason({"start": float("inf"), "middle": 1.0, "end": 1.0})

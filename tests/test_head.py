@@ -60,6 +60,25 @@ out.append({"V": 2500, "cap": 30.0, "mtp": True, "loss": f[0], "ref_loss": r[0],
             "next_ce": f[1], "ref_next_ce": r[1],
             "gx_err": ((f[2] - r[2]).norm() / r[2].norm()).item(),
             "gw_err": ((f[3] - r[3]).norm() / r[3].norm()).item()})
+# the FP8-head layout of the kernel's outputs, with several rows per program (N and V not
+# multiples of the tile): the gradient written into the first half of each logits row's own
+# storage (fp16 into fp32 here, as e5m2 into bf16 on the GPU) and a second copy transposed [V, N]
+from speedrun.head import _softcap_ce_kernel
+import torch.nn.functional as F
+N, V, cap = 50, 700, 30.0
+z, t = torch.randn(N, V) * 20, torch.randint(0, V, (N, 1))
+zr = z.clone().requires_grad_()
+ref_loss = F.cross_entropy(cap * torch.tanh(zr / cap), t[:, 0])
+ref_loss.backward()
+g2t, obj, ce = torch.empty(V, N), torch.empty(N), torch.empty(N)
+g = z.view(torch.float16)[:, :V]
+_softcap_ce_kernel[(13,)](z, g, g2t, t, torch.ones(1), obj, ce, N, V, g.stride(0), cap, 64.0, 3.0,
+                          N_TGT=1, WITH_GRAD=True, WITH_GRAD2=True, GRAD2_T=True, FAST_TANH=False,
+                          ROWS=4, BLOCK=64)
+ref = zr.grad * N
+out.append({"transposed": True, "g_err": ((g.float() / 64.0 - ref).norm() / ref.norm()).item(),
+            "g2t_err": ((g2t.t() / 3.0 - ref).norm() / ref.norm()).item(),
+            "loss": obj.mean().item(), "ref_loss": ref_loss.item()})
 print(json.dumps(out))
 """
 
@@ -67,12 +86,17 @@ print(json.dumps(out))
 @needs_triton
 def test_fused_kernel_matches_reference_loss_and_gradients():
     """Vocabularies that are not a multiple of the kernel's block (masked tail), two caps, a
-    non-unit upstream gradient, the no-grad (evaluation) path, and multi-token prediction."""
+    non-unit upstream gradient, the no-grad (evaluation) path, multi-token prediction, and the
+    FP8 head's layout: gradient inside the logits' storage plus a transposed copy."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(PROJECT)}
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for case in json.loads(proc.stdout.strip().splitlines()[-1]):
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    tr = cases.pop()
+    assert tr["transposed"] and tr["g_err"] < 1e-3 and tr["g2t_err"] < 1e-5, tr   # fp16: 2^-11
+    assert abs(tr["loss"] - tr["ref_loss"]) < 1e-5 * tr["ref_loss"], tr
+    for case in cases:
         assert abs(case["loss"] - case["ref_loss"]) < 1e-5 * case["ref_loss"], case
         assert abs(case["nograd_loss"] - case["ref_loss"]) < 1e-5 * case["ref_loss"], case
         assert case["gx_err"] < 1e-5 and case["gw_err"] < 1e-5, case
