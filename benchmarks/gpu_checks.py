@@ -170,7 +170,7 @@ def check_fp8(steps: int = 30) -> dict:
 
 
 def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0,
-               transpose_tiles=((32, 128), (32, 256), (64, 128))) -> dict:
+               transpose_tiles=((64, 128, 16), (32, 128, 8), (128, 128, 32))) -> dict:
     """Fused head + CE against the compiled PyTorch reference at a training micro-batch: loss,
     gradients, and fwd+bwd time (CUDA events), for bf16, fast tanh, and the FP8 head with each way
     of getting its weight gradient (head.FP8_WEIGHT_GRAD) and transposing tile."""
@@ -197,7 +197,7 @@ def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0,
                 "fused_fast_tanh": (fused(fast_tanh=True), {}),
                 "fused_fp8_wgrad_bf16": (fused(fp8=True, fast_tanh=True), {"FP8_WEIGHT_GRAD": "bf16"})}
     for tile in transpose_tiles:
-        variants[f"fused_fp8_{tile[0]}x{tile[1]}"] = (
+        variants[f"fused_fp8_{tile[0]}x{tile[1]}_w{tile[2]}"] = (
             fused(fp8=True, fast_tanh=True), {"FP8_WEIGHT_GRAD": "fp8", "TRANSPOSE_TILE": tile})
     saved = {k: getattr(head, k) for k in ("FP8_WEIGHT_GRAD", "TRANSPOSE_TILE")}
     ref = run(variants["reference"][0])

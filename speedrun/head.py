@@ -154,11 +154,12 @@ def _col_major(t: Tensor) -> Tensor:
 #           [vocab, tokens] for dW. H100: 531k vs 517k tok/s, same memory (throughput r17)
 #   "bf16": a bf16 matmul on a bf16 copy of the gradient the kernel writes over the logits
 FP8_WEIGHT_GRAD = "fp8"
-# (rows, columns) per tile of the CE kernel: one row per program keeps each load a long contiguous
-# run; writing the transposed gradient needs several rows per program, so that each vocabulary
-# column of a tile is stored as one run of ROWS bytes (H100, 32k x 50304 fwd+bwd: 32x128
-# 11.7 ms, 32x256 11.8, 32x64 12.3, 64x64 12.4, 16x128 16.4; a transposing copy instead: 22.4)
-ROW_TILE, TRANSPOSE_TILE = (1, 2048), (32, 128)
+# (rows, columns, warps) per tile of the CE kernel: one row per program keeps each load a long
+# contiguous run; writing the transposed gradient needs several rows per program, so that each
+# vocabulary column of a tile is stored as one run of ROWS bytes. H100, 32k x 50304 fwd+bwd
+# (gpu-checks-head r5-r7): 64x128 with 16 warps 11.41 / 11.62 ms, 32x128 with 8 warps 11.79 /
+# 11.85, 128x128/32 warps 11.43, others 11.8-17.4; a transposing copy instead of the kernel: 22.4
+ROW_TILE, TRANSPOSE_TILE = (1, 2048, 8), (64, 128, 16)
 
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
@@ -181,11 +182,11 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         # where the kernel writes the gradient: over the logits (bf16, mean-scaled), or as e5m2
         # into the first half of each logits row (rows 2V bytes apart) plus a transposed copy;
         # the bf16-weight-gradient FP8 head writes the bf16 one and an e5m2 [N, V] copy
-        grad, grad_scale, grad2, grad2_t, (rows, cols) = logits, 1.0 / N, None, False, ROW_TILE
+        grad, grad_scale, grad2, grad2_t, (rows, cols, warps) = logits, 1.0 / N, None, False, ROW_TILE
         if fp8_wgrad:
             grad = logits.view(torch.float8_e5m2)[:, :V]
             grad_scale, grad2, grad2_t = GRAD_FP8_SCALE, logits.new_empty((V, N), dtype=torch.float8_e5m2), True
-            rows, cols = TRANSPOSE_TILE
+            rows, cols, warps = TRANSPOSE_TILE
         elif fp8:
             grad2 = torch.empty_like(logits, dtype=torch.float8_e5m2)
         objective = torch.empty(N, device=x.device, dtype=torch.float32)
@@ -194,7 +195,7 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
             logits, grad, logits if grad2 is None else grad2, targets, weights, objective, next_ce,
             N, V, grad.stride(0), cap, grad_scale, GRAD_FP8_SCALE, N_TGT=targets.size(1),
             WITH_GRAD=with_grad, WITH_GRAD2=grad2 is not None, GRAD2_T=grad2_t, FAST_TANH=fast_tanh,
-            ROWS=rows, BLOCK=cols, num_warps=8)
+            ROWS=rows, BLOCK=cols, num_warps=warps)
         if with_grad:
             if not fp8:
                 ctx.save_for_backward(x, w, logits)
