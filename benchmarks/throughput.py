@@ -54,7 +54,6 @@ VARIANTS = {
     "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
     # the guard dropped where it is provably safe: 128-key forward tiles (diagonal block first)
     "flex_safe_rows_n128": {"flex": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_N": 128, "fwd_num_stages": 2}},
-    "flex_fwd_n128": {"flex": {"BLOCK_N": 128, "fwd_num_stages": 2}},   # the tile alone
     "flex_tma": {"flex": {"USE_TMA": True}},      # TMA loads in FlexAttention's kernels (Hopper)
 }
 
