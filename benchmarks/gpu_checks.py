@@ -10,7 +10,9 @@
    gradients at full vocabulary, plus its fwd+bwd time against the compiled reference;
 5. the fused ReLU^2 MLP kernels (mlp.py) at the training shape: output and gradients against an
    fp32 reference (next to the unfused bf16 MLP's own error), and fwd+bwd time per tile shape
-   against the compiled unfused MLP.
+   against the compiled unfused MLP;
+6. the accumulating embedding lookups (embedding.py): one step's table gradients against an
+   fp64 sum, and their time against bf16 nn.Embedding tables.
 """
 from __future__ import annotations
 
@@ -285,6 +287,65 @@ def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES) -> dict:
     return out
 
 
+def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tables: int = 4,
+                    micro_batches: int = 16, tiles=((16, 256), (64, 256), (32, 128), (128, 256))) -> dict:
+    """One optimizer step's embedding work at the training shape: `tables` lookups per micro-batch
+    and their gradients summed over `micro_batches`. The accumulating lookups (fp32 tables, Triton
+    or torch kernels) against bf16 nn.Embedding tables (dense backward + bf16 adds, as before):
+    gradient error against an fp64 sum, and ms per step. Realistic ids: Zipf-like frequencies, so
+    frequent rows take thousands of atomic adds per micro-batch."""
+    import speedrun.embedding as emb
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ranks = torch.arange(1, vocab + 1, device="cuda", dtype=torch.float64)
+    ids = [torch.multinomial(1 / ranks, tokens, replacement=True, generator=g).to(torch.int32)
+           for _ in range(micro_batches)]
+    ups = [torch.randn(tokens, dim, device="cuda", generator=g).bfloat16() for _ in range(micro_batches)]
+    base = torch.randn(vocab, dim, device="cuda", generator=g)
+    exact = torch.zeros(vocab, dim, device="cuda", dtype=torch.float64)
+    for i, u in zip(ids, ups):
+        exact.index_add_(0, i.long(), u.double())
+
+    def tables_of(accumulate: bool) -> list:
+        mods = []
+        for _ in range(tables):
+            m = (emb.Embedding if accumulate else torch.nn.Embedding)(1, dim).cuda()
+            m.weight = torch.nn.Parameter(base.clone() if accumulate else base.bfloat16())
+            if accumulate:
+                m.out_dtype = torch.bfloat16
+            mods.append(m)
+        return mods
+
+    def step(mods, kernels="triton"):
+        emb.KERNELS = kernels
+        for m in mods:
+            m.weight.grad = None
+        for i, u in zip(ids, ups):
+            for m in mods:   # the same per-element work in every variant: rows * u, summed
+                (m(i) * u).sum().backward()
+        return mods[0].weight.grad
+
+    out = {"shape": [tokens, vocab, dim], "tables": tables, "micro_batches": micro_batches}
+    acc, dense = tables_of(True), tables_of(False)
+    for name, fn in (("accumulate_triton", lambda: step(acc)), ("accumulate_torch", lambda: step(acc, "torch")),
+                     ("dense_bf16", lambda: step(dense))):
+        grad = fn()
+        out[name] = {"grad_rel_err": round(((grad.double() - exact).norm() / exact.norm()).item(), 7),
+                     "ms_per_step": round(_cuda_ms(fn, reps=5), 2)}
+    # the two kernels alone, per lookup (one table, one micro-batch), per tile shape
+    table, grad, i, u = acc[0].weight.detach(), torch.zeros_like(base), ids[0], ups[0]
+    default_tile = emb._TILE
+    for kernels, tiles in (("torch", [None]), ("triton", [default_tile, *tiles])):
+        emb.KERNELS = kernels
+        for tile in tiles:
+            emb._TILE = tile or default_tile
+            key = kernels + ("" if tile is None else "_" + "x".join(map(str, tile)))
+            out[key] = {"gather_ms": round(_cuda_ms(lambda: emb.gather_rows(table, i, torch.bfloat16)), 4),
+                        "scatter_add_ms": round(_cuda_ms(lambda: emb.scatter_add_rows(grad, i, u)), 4)}
+    emb.KERNELS, emb._TILE = "triton", default_tile
+    return out
+
+
 def main() -> None:
     masks = check_masks()
     worst = worst_of(m["rel_err"] for m in masks)
@@ -293,6 +354,7 @@ def main() -> None:
     print(json.dumps(check_fp8()))
     print(json.dumps(check_head()))
     print(json.dumps(check_mlp()))
+    print(json.dumps(check_embedding()))
     print("MASKS", "OK" if worst < 1e-2 else "MISMATCH")
 
 

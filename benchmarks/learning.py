@@ -23,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-# name -> overrides of params.yaml's train section (on top of the benchmark's budget)
+from benchmarks.switches import apply_switches
+
+# name -> overrides of params.yaml's train section (on top of the benchmark's budget), or of a
+# library switch (switches.SWITCHES)
 VARIANTS = {
     "default": {},
     "fp8": {"fp8": "on"},
@@ -50,6 +53,7 @@ VARIANTS = {
     "exact_tanh": {"fast_tanh": False},
     "unfused_mlp": {"fused_mlp": False},
     "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},   # the FP8 head's weight gradient as a bf16 matmul
+    "embed_dense": {"embed_grad": "dense"},     # bf16 nn.Embedding tables (dense backward, bf16 adds)
     # FlexAttention told that every query row keeps at least one key. True of the row, false of
     # the first 64-key tile the kernel visits (gpu_checks.rows_nan_without_guard): NaN at step 0
     # (learning-imdb-h100-r9). With 128-key forward tiles the first tile holds the row's own key
@@ -74,11 +78,7 @@ def run_variant(name: str, args) -> dict:
     budget = dict(steps=args.steps, batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_tokens,
                   val_tokens=args.val_tokens, val_every=max(1, args.steps // args.evals), ckpt_every=0,
                   muon_momentum_warmup=min(base.muon_momentum_warmup, args.steps // 2))
-    overrides = dict(VARIANTS[name])
-    import speedrun.head
-    import speedrun.model
-    speedrun.model.FLEX_KERNEL_OPTIONS = overrides.pop("flex", None)
-    speedrun.head.FP8_WEIGHT_GRAD = overrides.pop("fp8_wgrad", speedrun.head.FP8_WEIGHT_GRAD)
+    overrides = apply_switches(VARIANTS[name])
     if overrides.get("batch_tokens") == "1.5x":   # stages whose mean is the budget's batch
         overrides["batch_tokens"] = args.batch_tokens * 3 // 2
     if "steps_frac" in overrides:   # a shorter run, schedule (cooldown) complete

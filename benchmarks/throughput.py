@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-# name -> overrides of params.yaml's train section; "flex" sets FlexAttention kernel_options,
-# "mlp_tile" the fused MLP kernels' (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, warp_specialize),
-# "prefetch_masks" train.PREFETCH_MASKS, "fp8_wgrad" head.FP8_WEIGHT_GRAD
+from benchmarks.switches import apply_switches
+
+# name -> overrides of params.yaml's train section, or of a library switch (switches.SWITCHES)
 VARIANTS = {
     "default": {},
     "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
@@ -37,6 +37,9 @@ VARIANTS = {
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
     "unfused_mlp": {"fused_mlp": False},          # ReLU^2 as compiled pointwise kernels (mlp.py)
     "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},      # FP8 head's weight gradient as a bf16 matmul
+    "embed_dense": {"embed_grad": "dense"},       # bf16 nn.Embedding tables: dense backward + bf16 adds
+    "embed_torch": {"embed_kernels": "torch"},    # accumulating lookups via index_select / index_add_
+    "head_cast_per_micro": {"head_cast_once": False},   # FP8 head weight cast in every micro-batch
     "masks_after_backward": {"prefetch_masks": False},   # train.PREFETCH_MASKS off
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
@@ -91,9 +94,6 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     import torch
     import torch._dynamo.utils as dyn_utils
 
-    import speedrun.mlp
-    import speedrun.model
-    import speedrun.train
     from speedrun.metrics import measure_bf16_tflops
     from speedrun.model import flops_per_token, matmul_params
     from speedrun.params import load_section
@@ -101,15 +101,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     from speedrun.train import Paths, Run, TrainParams, effective
 
     base = load_section("train", TrainParams, params_path)
-    import speedrun.head
-
-    train_overrides = {k: v for k, v in overrides.items()
-                       if k not in ("flex", "mlp_tile", "prefetch_masks", "fp8_wgrad")}
-    speedrun.head.FP8_WEIGHT_GRAD = overrides.get("fp8_wgrad", speedrun.head.FP8_WEIGHT_GRAD)
-    speedrun.train.PREFETCH_MASKS = overrides.get("prefetch_masks", True)
-    speedrun.model.FLEX_KERNEL_OPTIONS = overrides.get("flex")
-    speedrun.mlp.KERNEL_CONFIG = tuple(overrides["mlp_tile"]) if "mlp_tile" in overrides else None
-    p = dataclasses.replace(base, **train_overrides)
+    p = dataclasses.replace(base, **apply_switches(overrides))
     settle = 3
     n_steps = 3 * (settle + steps_per_window)
     tmp = Path(tempfile.mkdtemp())
@@ -141,13 +133,18 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
             data_step += 1
         torch.cuda.synchronize(device)
         t = time.perf_counter()
-        for _ in range(steps_per_window):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps_per_window + 1)]
+        marks[0].record()
+        for k in range(steps_per_window):
             loss = run.train_step(sched_step, loader.get(data_step), window)
+            marks[k + 1].record()   # per-step times without a host sync in between
             data_step += 1
         torch.cuda.synchronize(device)
         dt = (time.perf_counter() - t) / steps_per_window
         losses[phase] = loss.item()   # after the clock stopped
-        progress(f"{name}: {phase} window: {dt * 1e3:.1f} ms/step")
+        step_ms = [round(a.elapsed_time(b), 1) for a, b in zip(marks, marks[1:])]
+        result[f"step_ms_each_{phase}"] = step_ms
+        progress(f"{name}: {phase} window: {dt * 1e3:.1f} ms/step (each: {step_ms})")
         rates[phase] = p.batch_tokens / dt
         result[f"window_{phase}"] = window_blocks(sched_step, ep.steps, ep.window_start, ep.window_end) * 128
         result[f"step_ms_{phase}"] = round(dt * 1e3, 2)

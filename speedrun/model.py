@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from . import embedding
+from .embedding import Embedding
 from .head import mtp_targets, softcap_cross_entropy, softcap_mtp_loss
 from .mlp import relu2_mlp
 
@@ -243,9 +245,9 @@ class GPT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.embed = Embedding(cfg.vocab_size, cfg.model_dim)
         self.value_embeds = nn.ModuleList(
-            nn.Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
+            Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
         self.smear_gate = CastedLinear(SMEAR_GATE_DIMS, 1, zero_init=True)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -253,7 +255,7 @@ class GPT(nn.Module):
         if cfg.bigram_vocab:
             # hashed (previous token, token) embedding mixed into every block (modded-nanogpt):
             # zero init, so it starts as a no-op; 5 x vocab rows keep collisions rare
-            self.bigram = nn.Embedding(cfg.bigram_vocab, cfg.model_dim)
+            self.bigram = Embedding(cfg.bigram_vocab, cfg.model_dim)
             nn.init.zeros_(self.bigram.weight)
             self.bigram_lambdas = nn.Parameter(torch.full((cfg.n_layer,), 0.1))
         else:
@@ -287,7 +289,9 @@ class GPT(nn.Module):
 
         `masks`: this sequence's `attention_masks`, when the caller built them ahead of time."""
         long_bm, short_bm = masks if masks is not None else self.attention_masks(tokens, window_blocks)
-        x0, bigram = self.embed_inputs(tokens)
+        # table lookups outside the compiled regions: their backward writes .grad itself (embedding.py)
+        x0 = self.embed_inputs(self.embed(tokens), tokens)
+        bigram = self.bigram(bigram_hash(tokens, self.cfg.bigram_vocab))[None] if self.bigram else None
         x = x0
         ve = self.value_embed_per_layer(tokens)
         skips = []
@@ -302,16 +306,13 @@ class GPT(nn.Module):
                 x = block(x, ve[i], x0, mask, skips.pop(), self.skip_weights[i - half], **extra)
         return norm(x)
 
-    def embed_inputs(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Token embedding, smear gate, norm: x0 [1, T, dim], the input of every block; and the
-        hashed-bigram embedding [1, T, dim] (None without one)."""
-        x = self.embed(tokens)
+    def embed_inputs(self, x: Tensor, tokens: Tensor) -> Tensor:
+        """Token embeddings x [T, dim] -> smear gate, norm: x0 [1, T, dim], the input of every block."""
         # smear gate: add a gated copy of the previous token's embedding (not across documents)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[1:, :SMEAR_GATE_DIMS]))
         gate = gate * (tokens[1:, None] != EOT_ID)
         x = torch.cat([x[:1], x[1:] + gate.type_as(x) * x[:-1]])
-        bigram = self.bigram(bigram_hash(tokens, self.cfg.bigram_vocab))[None] if self.bigram else None
-        return norm(x[None]), bigram
+        return norm(x[None])
 
     def logits(self, x: Tensor) -> Tensor:
         cap = self.cfg.logit_cap
@@ -347,10 +348,15 @@ class GPT(nn.Module):
 def build_model(cfg: GPTConfig, device: torch.device) -> GPT:
     model = GPT(cfg).to(device)
     if device.type == "cuda":
-        # bf16 embeddings: activations start (and stay) bf16; linear master weights stay fp32
+        # activations start (and stay) bf16. The tables keep fp32 master weights like the linear
+        # layers and look up bf16 rows (embedding.py); GRAD_MODE "dense" = bf16 nn.Embedding tables
         for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                m.bfloat16()
+            if isinstance(m, Embedding):
+                if embedding.GRAD_MODE == "accumulate":
+                    m.out_dtype = torch.bfloat16
+                else:
+                    m.accumulate = False
+                    m.bfloat16()
     return model
 
 

@@ -87,3 +87,22 @@ def test_invalid_reason_flags_non_finite_losses_only():
     assert invalid_reason({"start": 10.9, "middle": 10.5, "end": 10.2}) is None
     assert "nan" in invalid_reason({"start": 10.9, "middle": float("nan"), "end": float("nan")})
     assert "inf" in invalid_reason({"start": float("inf"), "middle": 1.0, "end": 1.0})
+
+
+def test_every_variant_override_is_a_train_param_or_a_library_switch(monkeypatch):
+    """A misspelt override would otherwise surface only on the GPU machine, minutes into a call."""
+    import dataclasses
+
+    import speedrun.embedding
+    from benchmarks import learning, throughput
+    from benchmarks.switches import SWITCHES, apply_switches
+    from speedrun.train import TrainParams
+
+    fields = {f.name for f in dataclasses.fields(TrainParams)} | {"steps_frac"}
+    for variants in (throughput.VARIANTS, learning.VARIANTS):
+        for name, overrides in variants.items():
+            unknown = set(overrides) - fields - set(SWITCHES)
+            assert not unknown, (name, unknown)
+    monkeypatch.setattr(speedrun.embedding, "GRAD_MODE", "accumulate")
+    assert apply_switches({"embed_grad": "dense", "steps": 7}) == {"steps": 7}
+    assert speedrun.embedding.GRAD_MODE == "dense"

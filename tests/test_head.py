@@ -127,3 +127,26 @@ def test_cpu_without_triton_device_uses_reference():
         a = softcap_cross_entropy(x, w, t, cap, fused=True)
         b = reference_softcap_cross_entropy(x, w, t, cap)
         assert torch.equal(a, b)
+
+
+def test_fp8_weight_cast_is_made_once_per_optimizer_step():
+    """The FP8 head casts its weight once per step, not per micro-batch; a stale cast would
+    train against old weights silently, so every way the weight changes must drop it."""
+    from speedrun.head import _fp8_weight
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    first = _fp8_weight(w)
+    assert _fp8_weight(w) is first   # the next micro-batch reuses it
+    w8, w8_cm, scale = first
+    torch.testing.assert_close(w8.float() * scale, w.detach(), rtol=0.07, atol=1e-3)
+    assert torch.equal(w8_cm.float(), w8.float()) and w8_cm.stride() == (1, 64)
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)   # fused Adam leaves the version counter alone
+    w.grad = torch.randn_like(w)
+    opt.step()
+    after_step = _fp8_weight(w)
+    assert after_step is not first
+    torch.testing.assert_close(after_step[0].float() * after_step[2], w.detach(), rtol=0.07, atol=1e-3)
+    with torch.no_grad():
+        w.mul_(2)   # e.g. a checkpoint load: an in-place write
+    assert _fp8_weight(w) is not after_step
+    other = torch.nn.Parameter(w.detach().clone())
+    assert _fp8_weight(other) is not _fp8_weight(w)
