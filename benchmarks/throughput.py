@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -40,11 +41,13 @@ VARIANTS = {
     "embed_dense": {"embed_grad": "dense"},       # bf16 nn.Embedding tables: dense backward + bf16 adds
     "embed_torch": {"embed_kernels": "torch"},    # accumulating lookups via index_select / index_add_
     "head_cast_per_micro": {"head_cast_once": False},   # FP8 head weight cast in every micro-batch
+    "before_r19": {"embed_grad": "dense", "head_cast_once": False},   # both of the above: the r18 recipe
     "masks_after_backward": {"prefetch_masks": False},   # train.PREFETCH_MASKS off
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
     "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
     "bigram2x": {"bigram_vocab": 2 * 50304},
+    "micro64k": {"micro_batch_tokens": 65536},   # half the launches per token: bounds host overhead (H100 memory only)
     "micro16k": {"micro_batch_tokens": 16384},
     "micro8k": {"micro_batch_tokens": 8192},
     # FlexAttention tiles: backward dK/dV (M1, N1) and dQ (M2, N2) tiles, forward (M, N)
@@ -67,6 +70,12 @@ def invalid_reason(losses: dict[str, float]) -> str | None:
     clock throttles less): r15's ROWS_GUARANTEED_SAFE "+10.7%" was exactly that."""
     bad = {phase: loss for phase, loss in losses.items() if not math.isfinite(loss)}
     return f"non-finite training loss {bad}" if bad else None
+
+
+def schedule_rate(batch_tokens: int, ms_start: float, ms_middle: float, ms_end: float) -> float:
+    """Tokens/s over the whole run: the window grows linearly with the step, so average the step
+    TIME over the ramp (Simpson's rule on its start, middle and end), not the rates."""
+    return batch_tokens / ((ms_start + 4 * ms_middle + ms_end) / 6e3)
 
 
 def synthetic_shards(root: Path, train_tokens: int, val_tokens: int) -> Path:
@@ -126,12 +135,23 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     result = {"variant": name, "overrides": overrides, "compile_warmup_s": round(warmup_s, 2),
               "build_s": round(time.perf_counter() - t0 - warmup_s, 2)}
     rates, losses = {}, {}
+    collections = []   # (generation, ms) of each garbage collection, via gc.callbacks
+    started = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections.append((info["generation"], (time.perf_counter() - started[0]) * 1e3))
+
+    gc.callbacks.append(on_gc)
     for phase, sched_step in phases.items():
         window = run.window_tensor(sched_step)
         for _ in range(settle):
             run.train_step(sched_step, loader.get(data_step), window)
             data_step += 1
         torch.cuda.synchronize(device)
+        collections.clear()
         t = time.perf_counter()
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps_per_window + 1)]
         marks[0].record()
@@ -144,20 +164,25 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
         losses[phase] = loss.item()   # after the clock stopped
         step_ms = [round(a.elapsed_time(b), 1) for a, b in zip(marks, marks[1:])]
         result[f"step_ms_each_{phase}"] = step_ms
-        progress(f"{name}: {phase} window: {dt * 1e3:.1f} ms/step (each: {step_ms})")
+        # Python garbage collections during the window: {generation: [count, ms]}
+        result[f"gc_{phase}"] = {g: [sum(1 for c in collections if c[0] == g),
+                                     round(sum(c[1] for c in collections if c[0] == g), 1)]
+                                 for g in sorted({c[0] for c in collections})}
+        progress(f"{name}: {phase} window: {dt * 1e3:.1f} ms/step (each: {step_ms}; gc {result[f'gc_{phase}']})")
         rates[phase] = p.batch_tokens / dt
         result[f"window_{phase}"] = window_blocks(sched_step, ep.steps, ep.window_start, ep.window_end) * 128
         result[f"step_ms_{phase}"] = round(dt * 1e3, 2)
         result[f"tokens_per_s_{phase}"] = round(rates[phase], 1)
-    # the window grows linearly with the step: average the step TIME over the ramp (Simpson)
-    mean_step = (p.batch_tokens / rates["start"] + 4 * p.batch_tokens / rates["middle"]
-                 + p.batch_tokens / rates["end"]) / 6
-    mean_rate = p.batch_tokens / mean_step
+    mean_rate = schedule_rate(p.batch_tokens, *(p.batch_tokens / rates[ph] * 1e3 for ph in phases))
+    # the same from each window's median step: one stalled step (r21, r23: a single step 450 ms
+    # late) moves the mean but not this
+    median_rate = schedule_rate(p.batch_tokens, *(float(np.median(result[f"step_ms_each_{ph}"])) for ph in phases))
     mean_window = (ep.window_start + ep.window_end) / 2 * (
         sum(1.0 if lw else 0.5 for lw in run.model.long_window) / ep.n_layer)
     fpt = flops_per_token(run.cfg, matmul_params(run.model), mean_window)
     result.update({
         "tokens_per_s_schedule_mean": round(mean_rate, 1),
+        "tokens_per_s_schedule_median_steps": round(median_rate, 1),
         "train_loss": {k: round(v, 4) for k, v in losses.items()},
         "invalid": invalid_reason(losses),
         "flops_per_token": fpt,
@@ -176,19 +201,20 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| variant | tok/s start | tok/s mid | tok/s end | schedule mean | MFU | peak GiB "
-            "| compile s | recompiles |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| variant | tok/s start | tok/s mid | tok/s end | schedule mean | from median steps | MFU "
+            "| peak GiB | compile s | recompiles |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error'][:60]} |||||||| ")
+            lines.append(f"| {r['variant']} | error: {r['error'][:60]} ||||||||| ")
             continue
         if r.get("invalid"):   # its speed is not a result: say why instead
-            lines.append(f"| {r['variant']} | INVALID: {r['invalid'][:70]} |||||||| ")
+            lines.append(f"| {r['variant']} | INVALID: {r['invalid'][:70]} ||||||||| ")
             continue
         lines.append(
             f"| {r['variant']} | {r['tokens_per_s_start'] / 1e3:.0f}k | {r['tokens_per_s_middle'] / 1e3:.0f}k "
             f"| {r['tokens_per_s_end'] / 1e3:.0f}k | **{r['tokens_per_s_schedule_mean'] / 1e3:.0f}k** "
+            f"| {r.get('tokens_per_s_schedule_median_steps', float('nan')) / 1e3:.0f}k "
             f"| {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_warmup_s']:.0f} "
             f"| {r['recompiles_after_warmup']} |")
     return "\n".join(lines)

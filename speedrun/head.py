@@ -132,7 +132,8 @@ if triton is not None:
                 if WITH_GRAD2:
                     g2 = g * grad2_scale
                     if GRAD2_T:
-                        tl.store(grad2_ptr + cols[:, None] * N + rows[None, :],
+                        # int64: vocab x tokens passes 2^31 at ~42.7k tokens per micro-batch
+                        tl.store(grad2_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :],
                                  tl.trans(g2).to(grad2_ptr.dtype.element_ty), mask=tl.trans(ok))
                     else:
                         tl.store(grad2_ptr + rows[:, None] * V + cols[None, :],

@@ -106,3 +106,14 @@ def test_every_variant_override_is_a_train_param_or_a_library_switch(monkeypatch
     monkeypatch.setattr(speedrun.embedding, "GRAD_MODE", "accumulate")
     assert apply_switches({"embed_grad": "dense", "steps": 7}) == {"steps": 7}
     assert speedrun.embedding.GRAD_MODE == "dense"
+
+
+def test_schedule_rate_averages_step_times_not_rates():
+    from benchmarks.throughput import schedule_rate, table
+    # 1000 ms at both ends, 2000 ms in the middle: mean step (1000 + 8000 + 1000) / 6 ms
+    assert math.isclose(schedule_rate(600, 1000.0, 2000.0, 1000.0), 600 / (10000 / 6e3))
+    row = {"variant": "v", "tokens_per_s_start": 6e5, "tokens_per_s_middle": 5e5, "tokens_per_s_end": 4e5,
+           "tokens_per_s_schedule_mean": 4.9e5, "tokens_per_s_schedule_median_steps": 5.1e5, "mfu": 0.5,
+           "peak_memory_gib": 18.7, "compile_warmup_s": 15, "recompiles_after_warmup": 0}
+    line = table([row]).splitlines()[-1]
+    assert "**490k**" in line and "| 510k |" in line
