@@ -47,25 +47,27 @@ _TILE = (64, 256)
 
 if triton is not None:
     @triton.jit
-    def _gather_rows_kernel(table, ids, out, n_ids, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[i] = table[ids[i]] cast to out's dtype."""
+    def _tile(ids, n_ids, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's tile: (offsets into the [n_ids, D] rows, offsets of the same entries in
+        the table, mask)."""
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        m = (r[:, None] < n_ids) & (c[None, :] < D)
-        row = tl.load(ids + r, mask=r < n_ids, other=0).to(tl.int64)
-        v = tl.load(table + row[:, None] * D + c[None, :], mask=m)
-        tl.store(out + r.to(tl.int64)[:, None] * D + c[None, :], v.to(out.dtype.element_ty), mask=m)
+        table_row = tl.load(ids + r, mask=r < n_ids, other=0).to(tl.int64)
+        return (r.to(tl.int64)[:, None] * D + c[None, :], table_row[:, None] * D + c[None, :],
+                (r[:, None] < n_ids) & (c[None, :] < D))
+
+    @triton.jit
+    def _gather_rows_kernel(table, ids, out, n_ids, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[i] = table[ids[i]] cast to out's dtype."""
+        at_row, at_table, m = _tile(ids, n_ids, D, ROWS, BLOCK_D)
+        tl.store(out + at_row, tl.load(table + at_table, mask=m).to(out.dtype.element_ty), mask=m)
 
     @triton.jit
     def _scatter_add_rows_kernel(grad_table, ids, rows, n_ids, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """grad_table[ids[i]] += rows[i] in grad_table's dtype (atomic: ids repeat)."""
-        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        m = (r[:, None] < n_ids) & (c[None, :] < D)
-        row = tl.load(ids + r, mask=r < n_ids, other=0).to(tl.int64)
-        g = tl.load(rows + r.to(tl.int64)[:, None] * D + c[None, :], mask=m)
-        tl.atomic_add(grad_table + row[:, None] * D + c[None, :], g.to(grad_table.dtype.element_ty),
-                      mask=m, sem="relaxed")
+        at_row, at_table, m = _tile(ids, n_ids, D, ROWS, BLOCK_D)
+        g = tl.load(rows + at_row, mask=m).to(grad_table.dtype.element_ty)
+        tl.atomic_add(grad_table + at_table, g, mask=m, sem="relaxed")
 
 
 def _use_kernels(t: Tensor) -> bool:
