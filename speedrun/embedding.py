@@ -39,8 +39,8 @@ GRAD_MODE = "accumulate"
 # cast + index_add_ (the same math in 2 kernels each way; the benchmarks' comparison variant)
 KERNELS = "triton"
 # rows x columns per program: whole [ROWS, BLOCK_D] tiles, so every load of a tile is in flight
-# at once. H100, one 32k-token lookup: gather 0.034 ms, scatter-add 0.127 ms (torch's two kernels
-# each way: 0.106 / 0.260); tiles 16..128 x 128..256 within 0.01 ms (gpu-checks-embedding r2).
+# at once. H100, per 32k-token lookup: gather 0.026 ms, scatter-add 0.125 ms (torch's two kernels
+# each way: 0.098 / 0.250); tiles 16..128 x 128..256 within 0.007 ms (gpu-checks-embedding r4).
 # Row by row instead, each load waited for the last: slower than torch (r1).
 _TILE = (64, 256)
 
