@@ -134,7 +134,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     data_step = 0
     result = {"variant": name, "overrides": overrides, "compile_warmup_s": round(warmup_s, 2),
               "build_s": round(time.perf_counter() - t0 - warmup_s, 2)}
-    rates, losses = {}, {}
+    mean_ms, losses = {}, {}
     collections = []   # (generation, ms) of each garbage collection, via gc.callbacks
     started = [0.0]
 
@@ -169,11 +169,11 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
                                      round(sum(c[1] for c in collections if c[0] == g), 1)]
                                  for g in sorted({c[0] for c in collections})}
         progress(f"{name}: {phase} window: {dt * 1e3:.1f} ms/step (each: {step_ms}; gc {result[f'gc_{phase}']})")
-        rates[phase] = p.batch_tokens / dt
+        mean_ms[phase] = dt * 1e3
         result[f"window_{phase}"] = window_blocks(sched_step, ep.steps, ep.window_start, ep.window_end) * 128
         result[f"step_ms_{phase}"] = round(dt * 1e3, 2)
-        result[f"tokens_per_s_{phase}"] = round(rates[phase], 1)
-    mean_rate = schedule_rate(p.batch_tokens, *(p.batch_tokens / rates[ph] * 1e3 for ph in phases))
+        result[f"tokens_per_s_{phase}"] = round(p.batch_tokens / dt, 1)
+    mean_rate = schedule_rate(p.batch_tokens, *(mean_ms[ph] for ph in phases))
     # the same from each window's median step: one stalled step (r21, r23: a single step 450 ms
     # late) moves the mean but not this
     median_rate = schedule_rate(p.batch_tokens, *(float(np.median(result[f"step_ms_each_{ph}"])) for ph in phases))
