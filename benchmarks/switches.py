@@ -11,6 +11,7 @@ import importlib
 SWITCHES = {
     "flex": ("speedrun.model", "FLEX_KERNEL_OPTIONS"),         # FlexAttention kernel_options
     "mlp_tile": ("speedrun.mlp", "KERNEL_CONFIG"),             # fused MLP (BLOCK_M, N, K, stages, warps, ws)
+    "mlp_save_pre": ("speedrun.mlp", "SAVE_PRE"),              # fused MLP keeps pre, not post, for backward
     "prefetch_masks": ("speedrun.train", "PREFETCH_MASKS"),    # masks built before the previous backward
     "fp8_wgrad": ("speedrun.head", "FP8_WEIGHT_GRAD"),         # FP8 head's weight gradient: fp8 | bf16
     "head_cast_once": ("speedrun.head", "CAST_WEIGHT_ONCE"),   # FP8 head weight cast once per step

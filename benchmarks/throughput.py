@@ -44,6 +44,7 @@ VARIANTS = {
     "before_r19": {"embed_grad": "dense", "head_cast_once": False},   # both of the above: the r18 recipe
     "masks_after_backward": {"prefetch_masks": False},   # train.PREFETCH_MASKS off
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
+    "mlp_save_pre": {"mlp_save_pre": True},       # fused MLP keeps pre (not post) for backward: the r12-r24 kernels
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
     "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
     "bigram2x": {"bigram_vocab": 2 * 50304},

@@ -5,11 +5,13 @@ projection writes `pre`, a pointwise kernel reads it and writes `post`; in backw
 writes d(post), and a pointwise kernel reads it with `pre` to write d(pre) (and recomputes `post`
 for the weight gradient). At 32k tokens x 3072 every such trip is 200 MB per layer. Here:
 
-- forward: one Triton kernel computes pre = x @ W1^T and writes both pre and post = relu(pre)^2
+- forward: one Triton kernel computes pre = x @ W1^T and writes only post = relu(pre)^2,
   straight from its fp32 accumulator;
-- backward: one Triton kernel computes g @ W2 and writes d(pre) = 2 relu(pre) * (g @ W2) and
-  post again (from pre, which it loads anyway), so only `pre` is kept between the passes, as
-  the compiled unfused MLP keeps it: no extra activation memory.
+- backward: one Triton kernel computes g @ W2 and writes d(pre) = 2 relu(pre) * (g @ W2),
+  reading relu(pre) back as sqrt(post). So `post` is the only activation kept between the passes
+  (the same bytes as the `pre` a compiled unfused MLP keeps), and the weight gradient g^T @ post
+  uses it as it is. sqrt(post) carries half of post's bf16 rounding error, less than the
+  rounded `pre` the unfused MLP differentiates with.
 
 The other four matmuls (post @ W2^T, both weight gradients, dx) stay cuBLAS's. The kernels are
 `torch.library` custom ops, so a compiled block treats them as opaque calls (no graph break).
@@ -61,8 +63,8 @@ if triton is not None:
         return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @triton.jit
-    def _relu2_epilogue(acc, om, on, pre_ptr, out_ptr, post_ptr, M, N, BACKWARD: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, post_ptr, M, N, BACKWARD: tl.constexpr,
+                        SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # plain stores straight from registers, not TMA stores: those stage through shared memory
         # and wait on it (MLP fwd+bwd 4% slower at 3 stages, H100), and the shared memory they
         # free admits a 4th pipeline stage (another 2%)
@@ -70,20 +72,26 @@ if triton is not None:
         rn = on + tl.arange(0, BLOCK_N)
         offs = rm[:, None] * N + rn[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        dtype = post_ptr.dtype.element_ty
+        dtype = out_ptr.dtype.element_ty
         if BACKWARD:   # d pre = 2 relu(pre) * d post, with d post = acc (unrounded)
-            r = tl.maximum(tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
+            saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if SAVE_PRE:
+                r = tl.maximum(saved, 0.0)
+                tl.store(post_ptr + offs, (r * r).to(dtype), mask=mask)
+            else:      # relu(pre) = sqrt(post): post is all backward needs, and it is kept already
+                r = tl.sqrt(saved)
             tl.store(out_ptr + offs, (2.0 * r * acc).to(dtype), mask=mask)
         else:          # post from the ROUNDED pre: the same numbers as the unfused MLP
             pre = acc.to(dtype)
-            tl.store(pre_ptr + offs, pre, mask=mask)
+            if SAVE_PRE:
+                tl.store(saved_ptr + offs, pre, mask=mask)
             r = tl.maximum(pre.to(tl.float32), 0.0)
-        tl.store(post_ptr + offs, (r * r).to(dtype), mask=mask)
+            tl.store(out_ptr + offs, (r * r).to(dtype), mask=mask)
 
     @triton.jit
-    def _mm_relu2_kernel(a_desc, b_desc, pre_ptr, out_ptr, post_ptr, M, N, K,
-                         BACKWARD: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, post_ptr, M, N, K,
+                         BACKWARD: tl.constexpr, SAVE_PRE: tl.constexpr, B_NK: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         """acc = A[M, K] @ B (B stored [N, K] if B_NK else [K, N]), then the ReLU^2 epilogue.
 
@@ -113,9 +121,10 @@ if triton is not None:
             om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
             # two half-width subtiles: half the live registers in the epilogue
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _relu2_epilogue(acc0, om, on, pre_ptr, out_ptr, post_ptr, M, N, BACKWARD, BLOCK_M, BLOCK_N // 2)
-            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, pre_ptr, out_ptr, post_ptr, M, N, BACKWARD,
+            _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, post_ptr, M, N, BACKWARD, SAVE_PRE,
                             BLOCK_M, BLOCK_N // 2)
+            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, post_ptr, M, N, BACKWARD,
+                            SAVE_PRE, BLOCK_M, BLOCK_N // 2)
 
 
 @functools.cache
@@ -136,49 +145,87 @@ def kernels_available(x: Tensor) -> bool:
     return kernels_run_on(x.device) and x.size(-1) * x.element_size() % 16 == 0   # TMA: 16-byte rows
 
 
-def _launch(a: Tensor, b: Tensor, b_nk: bool, pre: Tensor, out: Tensor, post: Tensor, backward: bool) -> None:
+def _launch(a: Tensor, b: Tensor, b_nk: bool, saved: Tensor, out: Tensor, post: Tensor, backward: bool,
+            save_pre: bool) -> None:
     M, K = a.shape
-    N = pre.size(1)
+    N = out.size(1)
     bm, bn, bk, stages, warps, ws = KERNEL_CONFIG or (_HOPPER_TILE if a.is_cuda else _INTERPRETER_TILE)
     desc = TensorDescriptor.from_tensor
     n_sms = _num_sms(a.device)
     grid = (min(n_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    _mm_relu2_kernel[grid](desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), pre, out, post, M, N, K,
-                           BACKWARD=backward, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                           GROUP_M=8, NUM_SMS=n_sms, WARP_SPECIALIZE=ws, num_stages=stages,
-                           num_warps=warps)
+    _mm_relu2_kernel[grid](desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), saved, out, post,
+                           M, N, K, BACKWARD=backward, SAVE_PRE=save_pre, B_NK=b_nk, BLOCK_M=bm,
+                           BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_SMS=n_sms, WARP_SPECIALIZE=ws,
+                           num_stages=stages, num_warps=warps)
 
 
 @torch.library.custom_op("speedrun::linear_relu2", mutates_args=())
-def linear_relu2(x: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
-    """(pre, post) = (x @ w1^T, relu(pre)^2); x [M, K] contiguous, w1 [N, K]."""
+def linear_relu2(x: Tensor, w1: Tensor) -> Tensor:
+    """post = relu(x @ w1^T)^2; x [M, K] contiguous, w1 [N, K]."""
+    if not kernels_available(x):
+        return F.relu(x @ w1.t()).square()
+    post = x.new_empty(x.size(0), w1.size(0))
+    _launch(x, w1.contiguous(), True, post, post, post, backward=False, save_pre=False)
+    return post
+
+
+@linear_relu2.register_fake
+def _(x: Tensor, w1: Tensor) -> Tensor:
+    return x.new_empty(x.size(0), w1.size(0))
+
+
+@torch.library.custom_op("speedrun::linear_relu2_grad", mutates_args=())
+def linear_relu2_grad(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
+    """d pre = 2 sqrt(post) * (g @ w2), as relu(pre) = sqrt(post); g [M, K], w2 [K, N], post [M, N]."""
+    if not kernels_available(g):
+        return (2 * post.float().sqrt() * (g @ w2).float()).to(g.dtype)
+    post = post.contiguous()
+    dpre = torch.empty_like(post)
+    _launch(g, w2.contiguous(), False, post, dpre, post, backward=True, save_pre=False)
+    return dpre
+
+
+@linear_relu2_grad.register_fake
+def _(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
+    return torch.empty_like(post)
+
+
+# SAVE_PRE = True: the kernels' first version, which kept `pre` (not `post`) for backward. Forward
+# then writes both, and backward rebuilds post for the weight gradient: 200 MB more traffic per
+# layer each way at 32k tokens x 3072. Kept for the throughput benchmark's comparison.
+SAVE_PRE = False
+
+
+@torch.library.custom_op("speedrun::linear_relu2_keep_pre", mutates_args=())
+def linear_relu2_keep_pre(x: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
+    """(pre, post) = (x @ w1^T, relu(pre)^2)."""
     if not kernels_available(x):
         pre = x @ w1.t()
         return pre, F.relu(pre).square()
     pre = x.new_empty(x.size(0), w1.size(0))
     post = torch.empty_like(pre)
-    _launch(x, w1.contiguous(), True, pre, pre, post, backward=False)
+    _launch(x, w1.contiguous(), True, pre, post, post, backward=False, save_pre=True)
     return pre, post
 
 
-@linear_relu2.register_fake
+@linear_relu2_keep_pre.register_fake
 def _(x: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.size(0), w1.size(0)), x.new_empty(x.size(0), w1.size(0))
 
 
-@torch.library.custom_op("speedrun::linear_relu2_grad", mutates_args=())
-def linear_relu2_grad(g: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
-    """(d pre, post) = (2 relu(pre) * (g @ w2), relu(pre)^2); g [M, K], w2 [K, N], pre [M, N]."""
+@torch.library.custom_op("speedrun::linear_relu2_grad_from_pre", mutates_args=())
+def linear_relu2_grad_from_pre(g: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """(d pre, post) = (2 relu(pre) * (g @ w2), relu(pre)^2)."""
     if not kernels_available(g):
         r = F.relu(pre)
         return (2 * r * (g @ w2)).to(g.dtype), r.square()
     pre = pre.contiguous()
     dpre, post = torch.empty_like(pre), torch.empty_like(pre)
-    _launch(g, w2.contiguous(), False, pre, dpre, post, backward=True)
+    _launch(g, w2.contiguous(), False, pre, dpre, post, backward=True, save_pre=True)
     return dpre, post
 
 
-@linear_relu2_grad.register_fake
+@linear_relu2_grad_from_pre.register_fake
 def _(g: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(pre), torch.empty_like(pre)
 
@@ -186,14 +233,21 @@ def _(g: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
 class _ReLU2MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
-        pre, post = linear_relu2(x, w1)
-        ctx.save_for_backward(x, w1, w2, pre)
+        ctx.save_pre = SAVE_PRE
+        if SAVE_PRE:
+            saved, post = linear_relu2_keep_pre(x, w1)
+        else:
+            saved = post = linear_relu2(x, w1)
+        ctx.save_for_backward(x, w1, w2, saved)
         return post @ w2.t()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, w1, w2, pre = ctx.saved_tensors
-        dpre, post = linear_relu2_grad(g.contiguous(), w2, pre)
+        x, w1, w2, saved = ctx.saved_tensors
+        if ctx.save_pre:
+            dpre, post = linear_relu2_grad_from_pre(g.contiguous(), w2, saved)
+        else:
+            dpre, post = linear_relu2_grad(g.contiguous(), w2, saved), saved
         return dpre @ w1, dpre.t() @ x, g.t() @ post
 
 

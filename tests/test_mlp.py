@@ -18,6 +18,7 @@ from conftest import PROJECT
 from test_head import needs_triton
 from test_recipe import train_cpu_tiny
 
+import speedrun.mlp as mlp
 from speedrun.mlp import reference_mlp, relu2_mlp
 from speedrun.model import MLP, norm
 
@@ -29,8 +30,10 @@ def _grads(fn, x, w1, w2, g):
     return [out.detach()] + [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("save_pre", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_ops_give_the_unfused_mlp_and_its_gradients(dtype):
+def test_cpu_ops_give_the_unfused_mlp_and_its_gradients(dtype, save_pre, monkeypatch):
+    monkeypatch.setattr(mlp, "SAVE_PRE", save_pre)
     torch.manual_seed(0)
     x = torch.randn(2, 24, 32).to(dtype)
     w1, w2 = (torch.randn(128, 32) / 6).to(dtype), (torch.randn(32, 128) / 11).to(dtype)
@@ -45,21 +48,21 @@ def test_cpu_ops_give_the_unfused_mlp_and_its_gradients(dtype):
 def test_compiled_block_takes_the_fused_mlp_without_graph_break():
     """fullgraph=True fails on any graph break: the custom ops must trace as opaque calls."""
     torch.manual_seed(0)
-    mlp = MLP(32)
-    torch.nn.init.normal_(mlp.c_proj.weight, std=0.05)   # zero init would hide a wrong dx / dw1
+    layer = MLP(32)
+    torch.nn.init.normal_(layer.c_proj.weight, std=0.05)   # zero init would hide a wrong dx / dw1
 
     def residual(x):
-        return x + mlp(norm(x))
+        return x + layer(norm(x))
 
     x = torch.randn(1, 64, 32)
     results = {}
     for fused in (True, False):
-        mlp.fused = fused
-        mlp.zero_grad()
+        layer.fused = fused
+        layer.zero_grad()
         xr = x.clone().requires_grad_()
         fn = torch.compile(residual, fullgraph=True, dynamic=False) if fused else residual
         fn(xr).square().sum().backward()
-        results[fused] = [xr.grad, mlp.c_fc.weight.grad, mlp.c_proj.weight.grad]
+        results[fused] = [xr.grad, layer.c_fc.weight.grad, layer.c_proj.weight.grad]
     for a, b in zip(results[True], results[False]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -74,23 +77,25 @@ def test_training_switch_reaches_every_block_and_keeps_the_loss(tmp_path):
 
 _INTERPRETED = r"""
 import json, torch
-from speedrun.mlp import linear_relu2, reference_mlp, relu2_mlp
+import speedrun.mlp as mlp
 torch.manual_seed(0)
 out = []
 # (tokens, dim, hidden): multiples of the interpreter's 32x32x16 tiles, and ragged ones (masks)
 for M, K, N in [(64, 32, 128), (50, 40, 72)]:
     x, g = torch.randn(M, K), torch.randn(M, K)
     w1, w2 = torch.randn(N, K) / K ** 0.5, torch.randn(K, N) / N ** 0.5
-    res = []
-    for fn in (relu2_mlp, reference_mlp):
-        leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
-        y = fn(*leaves)
-        y.backward(g)
-        res.append([y.detach()] + [t.grad for t in leaves])
-    pre, post = linear_relu2(x, w1)
-    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(*res)]
-    out.append({"shape": [M, K, N], "errs": errs,
-                "post_err": ((post - torch.relu(x @ w1.t()).square()).norm()).item()})
+    for save_pre in (False, True):   # the default kernels (post kept) and the first version's
+        mlp.SAVE_PRE = save_pre
+        res = []
+        for fn in (mlp.relu2_mlp, mlp.reference_mlp):
+            leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+            y = fn(*leaves)
+            y.backward(g)
+            res.append([y.detach()] + [t.grad for t in leaves])
+        post = mlp.linear_relu2_keep_pre(x, w1)[1] if save_pre else mlp.linear_relu2(x, w1)
+        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(*res)]
+        out.append({"shape": [M, K, N], "save_pre": save_pre, "errs": errs,
+                    "post_err": ((post - torch.relu(x @ w1.t()).square()).norm()).item()})
 print(json.dumps(out))
 """
 
@@ -101,5 +106,7 @@ def test_interpreted_kernels_match_the_unfused_mlp():
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for case in json.loads(proc.stdout.strip().splitlines()[-1]):
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(cases) == 4
+    for case in cases:
         assert max(case["errs"]) < 1e-5 and case["post_err"] < 1e-4, case
