@@ -243,9 +243,11 @@ def _cuda_ms(fn, reps: int = 20) -> float:
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, warp_specialize); the first is mlp.py's H100 default
 MLP_TILES = [(128, 256, 64, 4, 8, False), (128, 256, 64, 3, 8, False), (128, 256, 64, 4, 8, True),
              (128, 128, 64, 5, 4, False), (256, 128, 64, 4, 8, False)]
+MLP_TILES_FP8 = [(128, 256, 128, 4, 8, False), (128, 256, 128, 3, 8, False), (128, 256, 64, 4, 8, False),
+                 (128, 128, 128, 4, 8, False), (128, 256, 128, 4, 8, True)]
 
 
-def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES) -> dict:
+def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES, fp8_tiles=MLP_TILES_FP8) -> dict:
     """Fused ReLU^2 MLP vs the unfused one: errors against fp32, and fwd+bwd / kernel times."""
     import speedrun.mlp as mlp
 
@@ -291,8 +293,35 @@ def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES) -> dict:
                         "grad_kernel_ms": round(_cuda_ms(grad), 3)}
         except Exception as e:   # a tile that does not fit this GPU's shared memory
             out[key] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    mlp.SAVE_PRE = False
-    mlp.KERNEL_CONFIG = None
+    mlp.SAVE_PRE, mlp.KERNEL_CONFIG = False, None
+    # FP8 operands (train.fp8_mlp): the kernels alone on quantized inputs, and the whole MLP with
+    # its quantization, against cuBLAS's rowwise-scaled FP8 matmul of the same shapes
+    xq, sx = mlp.quantize_rows(x)
+    wq, sw = mlp.quantize_rows(w1)
+    gq, sg = mlp.quantize_rows(gy)
+    w2q, sw2 = mlp.quantize_rows(w2.t())
+    try:
+        out["cublas_fp8_up_ms"] = round(_cuda_ms(lambda: torch._scaled_mm(
+            xq, wq.t(), sx[:, None], sw[None, :], out_dtype=torch.bfloat16)), 3)
+        out["cublas_fp8_grad_ms"] = round(_cuda_ms(lambda: torch._scaled_mm(
+            gq, w2q.t(), sg[:, None], sw2[None, :], out_dtype=torch.bfloat16)), 3)
+    except Exception as e:
+        out["cublas_fp8"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    for tile in fp8_tiles:
+        mlp.KERNEL_CONFIG_FP8 = tile
+        key = "fp8_" + "x".join(map(str, tile[:5])) + ("_ws" if tile[5] else "")
+        def fp8_mlp(*t): return mlp.relu2_mlp(*t, fp8=True)   # quantization eager here: not fused
+        def up(): return mlp.linear_relu2_fp8(xq, sx, wq, sw, x.dtype)
+        def grad(): return mlp.linear_relu2_grad_fp8(gq, sg, w2q, sw2, post)
+        try:
+            out[key] = {"err": errors(fwd_bwd(fp8_mlp)),
+                        "fwd_bwd_ms": round(_cuda_ms(lambda: fwd_bwd(fp8_mlp)), 3),
+                        "up_kernel_ms": round(_cuda_ms(up), 3),
+                        "grad_kernel_ms": round(_cuda_ms(grad), 3)}
+        except Exception as e:
+            out[key] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    mlp.KERNEL_CONFIG_FP8 = None
+    out["quantize_x_ms"] = round(_cuda_ms(lambda: mlp.quantize_rows(x)), 3)   # eager: an upper bound
     return out
 
 

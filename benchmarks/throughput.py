@@ -33,6 +33,8 @@ from benchmarks.switches import apply_switches
 VARIANTS = {
     "default": {},
     "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
+    "fp8_mlp": {"fp8_mlp": "on"},                 # FP8 operands inside the fused MLP kernels
+    "bf16_mlp": {"fp8_mlp": "off"},               # the fused MLP kernels in bf16
     "fp8_head": {"fp8_head": "on"},               # FP8 head matmuls (head.py)
     "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
@@ -193,6 +195,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
         "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
         "recompiles_after_warmup": int(dyn_utils.counters["stats"]["unique_graphs"] - graphs),
         "fp8": run.fp8,
+        "fp8_mlp": run.fp8_mlp,
         "batch_tokens": p.batch_tokens,
         "micro_batch_tokens": p.micro_batch_tokens,
         "gpu": torch.cuda.get_device_name(device),

@@ -45,6 +45,9 @@ except ImportError:  # CPU-only installs: the plain PyTorch path below is used
 KERNEL_CONFIG: tuple[int, int, int, int, int, bool] | None = None
 _HOPPER_TILE = (128, 256, 64, 4, 8, False)   # fastest of the H100 sweeps (gpu-checks-mlp-*-r5, -r6)
 _INTERPRETER_TILE = (32, 32, 16, 1, 4, False)
+# the same for the FP8 kernels: FP8 tensor-core instructions take 32 K-elements, twice bf16's
+KERNEL_CONFIG_FP8: tuple[int, int, int, int, int, bool] | None = None
+_HOPPER_TILE_FP8 = (128, 256, 128, 4, 8, False)
 
 
 def reference_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
@@ -64,8 +67,9 @@ if triton is not None:
         return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @triton.jit
-    def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, post_ptr, M, N, BACKWARD: tl.constexpr,
-                        SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, post_ptr, a_scale_ptr, b_scale_ptr, M, N,
+                        BACKWARD: tl.constexpr, SAVE_PRE: tl.constexpr, SCALED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # plain stores straight from registers, not TMA stores: those stage through shared memory
         # and wait on it (MLP fwd+bwd 4% slower at 3 stages, H100), and the shared memory they
         # free admits a 4th pipeline stage (another 2%)
@@ -73,6 +77,10 @@ if triton is not None:
         rn = on + tl.arange(0, BLOCK_N)
         offs = rm[:, None] * N + rn[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if SCALED:     # FP8 operands: undo the per-row scales of A and of B (one per output column)
+            sa = tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)
+            sb = tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
         dtype = out_ptr.dtype.element_ty
         if BACKWARD:   # d pre = 2 relu(pre) * d post, with d post = acc (unrounded)
             saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -90,8 +98,9 @@ if triton is not None:
             tl.store(out_ptr + offs, (r * r).to(dtype), mask=mask)
 
     @triton.jit
-    def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, post_ptr, M, N, K,
-                         BACKWARD: tl.constexpr, SAVE_PRE: tl.constexpr, B_NK: tl.constexpr,
+    def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, post_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
+                         BACKWARD: tl.constexpr, SAVE_PRE: tl.constexpr, SCALED: tl.constexpr,
+                         B_NK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         """acc = A[M, K] @ B (B stored [N, K] if B_NK else [K, N]), then the ReLU^2 epilogue.
@@ -122,10 +131,10 @@ if triton is not None:
             om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
             # two half-width subtiles: half the live registers in the epilogue
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, post_ptr, M, N, BACKWARD, SAVE_PRE,
-                            BLOCK_M, BLOCK_N // 2)
-            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, post_ptr, M, N, BACKWARD,
-                            SAVE_PRE, BLOCK_M, BLOCK_N // 2)
+            _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, post_ptr, a_scale_ptr, b_scale_ptr, M, N,
+                            BACKWARD, SAVE_PRE, SCALED, BLOCK_M, BLOCK_N // 2)
+            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, post_ptr, a_scale_ptr,
+                            b_scale_ptr, M, N, BACKWARD, SAVE_PRE, SCALED, BLOCK_M, BLOCK_N // 2)
 
 
 @functools.cache
@@ -147,17 +156,22 @@ def kernels_available(x: Tensor) -> bool:
 
 
 def _launch(a: Tensor, b: Tensor, b_nk: bool, saved: Tensor, out: Tensor, post: Tensor, backward: bool,
-            save_pre: bool) -> None:
+            save_pre: bool, scales: tuple[Tensor, Tensor] | None = None) -> None:
     M, K = a.shape
     N = out.size(1)
-    bm, bn, bk, stages, warps, ws = KERNEL_CONFIG or (_HOPPER_TILE if a.is_cuda else _INTERPRETER_TILE)
+    if scales is None:
+        bm, bn, bk, stages, warps, ws = KERNEL_CONFIG or (_HOPPER_TILE if a.is_cuda else _INTERPRETER_TILE)
+    else:
+        bm, bn, bk, stages, warps, ws = KERNEL_CONFIG_FP8 or (_HOPPER_TILE_FP8 if a.is_cuda else _INTERPRETER_TILE)
     desc = TensorDescriptor.from_tensor
     n_sms = _num_sms(a.device)
     grid = (min(n_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    a_scale, b_scale = scales if scales is not None else (out, out)   # unread unless SCALED
     _mm_relu2_kernel[grid](desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), saved, out, post,
-                           M, N, K, BACKWARD=backward, SAVE_PRE=save_pre, B_NK=b_nk, BLOCK_M=bm,
-                           BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_SMS=n_sms, WARP_SPECIALIZE=ws,
-                           num_stages=stages, num_warps=warps)
+                           a_scale, b_scale, M, N, K, BACKWARD=backward, SAVE_PRE=save_pre,
+                           SCALED=scales is not None, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                           GROUP_M=8, NUM_SMS=n_sms, WARP_SPECIALIZE=ws, num_stages=stages,
+                           num_warps=warps)
 
 
 @torch.library.custom_op("speedrun::linear_relu2", mutates_args=())
@@ -188,6 +202,58 @@ def linear_relu2_grad(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
 
 @linear_relu2_grad.register_fake
 def _(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
+    return torch.empty_like(post)
+
+
+# FP8 operands (train.fp8_mlp): the two fused matmuls take e4m3 inputs with one power-of-two
+# scale per row of A (per token) and per output column, so the scales factor out of each dot
+# product and the epilogue applies them to the fp32 accumulator. K = model_dim (768) in both
+# matmuls: a row's scale spans the whole contraction, no block scales needed. The other four MLP
+# matmuls stay bf16 (their K is 3072 hidden units or the tokens: a row scale of post / d(pre)
+# would need a reduction across the fused kernel's column tiles).
+E4M3_MAX = 448.0
+
+
+def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """t [R, K] -> (q e4m3 [R, K], scale fp32 [R]) with t ~= q * scale[:, None].
+
+    Power-of-two scales (as torchao's rowwise recipe): dividing by them is exact, so the only
+    rounding is e4m3's own. An all-zero row gets the smallest scale and quantizes to zeros."""
+    amax = t.abs().amax(dim=1).float().clamp_min(2.0 ** -100)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
+    return (t.float() / scale[:, None]).to(torch.float8_e4m3fn).contiguous(), scale
+
+
+@torch.library.custom_op("speedrun::linear_relu2_fp8", mutates_args=())
+def linear_relu2_fp8(xq: Tensor, sx: Tensor, w1q: Tensor, sw1: Tensor, dtype: torch.dtype) -> Tensor:
+    """post = relu(pre)^2 in `dtype`, pre = (xq * sx) @ (w1q * sw1)^T; xq [M, K], w1q [N, K] e4m3."""
+    if not kernels_available(xq):
+        pre = ((xq.float() * sx[:, None]) @ (w1q.float() * sw1[:, None]).t()).to(dtype)
+        return F.relu(pre).square()
+    post = torch.empty(xq.size(0), w1q.size(0), dtype=dtype, device=xq.device)
+    _launch(xq, w1q, True, post, post, post, backward=False, save_pre=False, scales=(sx, sw1))
+    return post
+
+
+@linear_relu2_fp8.register_fake
+def _(xq: Tensor, sx: Tensor, w1q: Tensor, sw1: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.empty(xq.size(0), w1q.size(0), dtype=dtype, device=xq.device)
+
+
+@torch.library.custom_op("speedrun::linear_relu2_grad_fp8", mutates_args=())
+def linear_relu2_grad_fp8(gq: Tensor, sg: Tensor, w2q_t: Tensor, sw2: Tensor, post: Tensor) -> Tensor:
+    """d pre = 2 sqrt(post) * ((gq * sg) @ (w2q_t * sw2)^T); gq [M, K], w2q_t [N, K] e4m3 (W2 transposed)."""
+    if not kernels_available(gq):
+        dpost = (gq.float() * sg[:, None]) @ (w2q_t.float() * sw2[:, None]).t()
+        return (2 * post.float().sqrt() * dpost).to(post.dtype)
+    post = post.contiguous()
+    dpre = torch.empty_like(post)
+    _launch(gq, w2q_t, True, post, dpre, post, backward=True, save_pre=False, scales=(sg, sw2))
+    return dpre
+
+
+@linear_relu2_grad_fp8.register_fake
+def _(gq: Tensor, sg: Tensor, w2q_t: Tensor, sw2: Tensor, post: Tensor) -> Tensor:
     return torch.empty_like(post)
 
 
@@ -233,9 +299,11 @@ def _(g: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
 
 class _ReLU2MLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
-        ctx.save_pre = SAVE_PRE
-        if SAVE_PRE:
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, fp8: bool) -> Tensor:
+        ctx.save_pre, ctx.fp8 = SAVE_PRE and not fp8, fp8
+        if fp8:
+            saved = post = linear_relu2_fp8(*quantize_rows(x), *quantize_rows(w1), x.dtype)
+        elif ctx.save_pre:
             saved, post = linear_relu2_keep_pre(x, w1)
         else:
             saved = post = linear_relu2(x, w1)
@@ -245,20 +313,23 @@ class _ReLU2MLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, w1, w2, saved = ctx.saved_tensors
-        if ctx.save_pre:
+        if ctx.fp8:   # W2's scales run along its columns: quantize its transpose by rows
+            dpre, post = linear_relu2_grad_fp8(*quantize_rows(g), *quantize_rows(w2.t()), saved), saved
+        elif ctx.save_pre:
             dpre, post = linear_relu2_grad_from_pre(g.contiguous(), w2, saved)
         else:
             dpre, post = linear_relu2_grad(g.contiguous(), w2, saved), saved
-        return dpre @ w1, dpre.t() @ x, g.t() @ post
+        return dpre @ w1, dpre.t() @ x, g.t() @ post, None
 
 
-def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor, fp8: bool = False) -> Tensor:
     """relu(x @ w1^T)^2 @ w2^T over the last dim of x, through the fused kernels.
 
     w1 [4*dim, dim] and w2 [dim, 4*dim] in the activation dtype; gradients flow to all three.
+    fp8: the up projection and its gradient matmul take e4m3 operands (`quantize_rows`).
     Where the kernels cannot run (`kernels_run_on`) the ops compute the same in plain PyTorch:
     callers on such GPUs should take the unfused MLP, which torch.compile fuses better.
     """
     shape = x.shape
-    out = _ReLU2MLP.apply(x.reshape(-1, shape[-1]).contiguous(), w1, w2)
+    out = _ReLU2MLP.apply(x.reshape(-1, shape[-1]).contiguous(), w1, w2, fp8)
     return out.view(*shape[:-1], w2.size(0))

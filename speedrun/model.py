@@ -144,10 +144,11 @@ class MLP(nn.Module):
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
         self.fused = False   # ReLU^2 inside the matmul kernels (mlp.py); same weights, same function
+        self.fp8 = False     # ... with FP8 operands in those kernels (only where fused)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
-            return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
+            return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), self.fp8)
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
