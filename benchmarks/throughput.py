@@ -45,6 +45,7 @@ VARIANTS = {
     "head_cast_per_micro": {"head_cast_once": False},   # FP8 head weight cast in every micro-batch
     "before_r19": {"embed_grad": "dense", "head_cast_once": False},   # both of the above: the r18 recipe
     "masks_after_backward": {"prefetch_masks": False},   # train.PREFETCH_MASKS off
+    "gc_unfrozen": {"freeze_gc": False},          # no gc.freeze() after the warm-up (train.FREEZE_GC)
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
     "mlp_save_pre": {"mlp_save_pre": True},       # fused MLP keeps pre (not post) for backward: the r12-r24 kernels
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel

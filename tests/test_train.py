@@ -556,3 +556,28 @@ def test_git_commit_says_when_the_tree_is_not_head(tmp_path, monkeypatch):
     assert git_commit() == clean
     (tmp_path / "a.py").write_text("x = 2\n")
     assert git_commit() == clean + "-dirty"
+
+
+def test_warmup_forgets_what_it_learned_and_freezes_the_gc(tmp_path):
+    """Warm-up steps train on dummy tokens (to compile); the run must start from the initial
+    weights anyway, and the objects alive by then leave the garbage collector's generations."""
+    import gc
+
+    shards = tmp_path / "shards"
+    write_tiny_shards(shards, train_tokens=4 * 1024 + 1, val_tokens=600)
+    p = TrainParams(profile="cpu-tiny", steps=4, val_tokens=512, ckpt_every=0)
+    run = Run(p, Paths(shards, tmp_path / "ckpt", tmp_path / "final.pt", tmp_path / "m.json", None),
+              log=lambda *a, **k: None)
+    run.p = dataclasses.replace(run.p, warmup_steps=2)   # cpu-tiny skips the warm-up otherwise
+    run._build()
+    run._window = torch.tensor(1, dtype=torch.int32)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    gc.unfreeze()
+    try:
+        assert run.warmup() > 0
+        assert gc.get_freeze_count() > 0
+        for k, v in run.model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert all(q.grad is None for q in run.model.parameters())
+    finally:
+        gc.unfreeze()
