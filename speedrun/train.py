@@ -83,7 +83,7 @@ class TrainParams:
     fp8_head: str = param("auto", choices=["auto", "on", "off"])
     fused_ce: bool = param(True)
     fused_mlp: bool = param(True)
-    fp8_mlp: str = param("off", choices=["auto", "on", "off"])
+    fp8_mlp: str = param("auto", choices=["auto", "on", "off"])
     fast_tanh: bool = param(True)
     warmup_steps: int = param(3, ge=0)
 
