@@ -148,7 +148,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
-            return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), self.fp8)
+            # FP8 in training only: a validation loss (no autograd) carries no FP8 rounding, as
+            # with the FP8 head, so it is the loss of the bf16 model that evaluate/export run
+            fp8 = self.fp8 and torch.is_grad_enabled()
+            return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), fp8)
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 

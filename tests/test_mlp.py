@@ -78,6 +78,19 @@ def test_fp8_mlp_computes_on_the_quantized_operands():
         assert ((a - b).norm() / b.norm()).item() < 0.08, name
 
 
+def test_fp8_mlp_is_for_training_only():
+    """Without autograd (validation) the FP8 switch is ignored: reported losses carry no FP8 rounding."""
+    torch.manual_seed(0)
+    layer = MLP(64)
+    torch.nn.init.normal_(layer.c_proj.weight, std=0.05)
+    layer.fused, x = True, torch.randn(1, 24, 64)
+    with torch.no_grad():
+        bf16 = layer(x)
+        layer.fp8 = True
+        assert torch.equal(layer(x), bf16)
+    assert not torch.allclose(layer(x).detach(), bf16, rtol=1e-3, atol=1e-4)   # with autograd: FP8
+
+
 def _fp8_grads(x, w1, w2, g):
     return _grads(lambda *t: relu2_mlp(*t, fp8=True), x, w1, w2, g)
 
