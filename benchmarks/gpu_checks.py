@@ -250,6 +250,7 @@ MLP_TILES_FP8 = [(128, 256, 128, 4, 8, False), (128, 256, 128, 3, 8, False), (12
 def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES, fp8_tiles=MLP_TILES_FP8) -> dict:
     """Fused ReLU^2 MLP vs the unfused one: errors against fp32, and fwd+bwd / kernel times."""
     import speedrun.mlp as mlp
+    from speedrun.fp8 import quantize_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, D, device="cuda", generator=g).bfloat16()
@@ -296,10 +297,10 @@ def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES, fp8_tiles=MLP_TILES
     mlp.SAVE_PRE, mlp.KERNEL_CONFIG = False, None
     # FP8 operands (train.fp8_mlp): the kernels alone on quantized inputs, and the whole MLP with
     # its quantization, against cuBLAS's rowwise-scaled FP8 matmul of the same shapes
-    xq, sx = mlp.quantize_rows(x)
-    wq, sw = mlp.quantize_rows(w1)
-    gq, sg = mlp.quantize_rows(gy)
-    w2q, sw2 = mlp.quantize_rows(w2.t())
+    xq, sx = quantize_rows(x)
+    wq, sw = quantize_rows(w1)
+    gq, sg = quantize_rows(gy)
+    w2q, sw2 = quantize_rows(w2.t())
     try:
         out["cublas_fp8_up_ms"] = round(_cuda_ms(lambda: torch._scaled_mm(
             xq, wq.t(), sx[:, None], sw[None, :], out_dtype=torch.bfloat16)), 3)
@@ -321,7 +322,7 @@ def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES, fp8_tiles=MLP_TILES
         except Exception as e:
             out[key] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
     mlp.KERNEL_CONFIG_FP8 = None
-    out["quantize_x_ms"] = round(_cuda_ms(lambda: mlp.quantize_rows(x)), 3)   # eager: an upper bound
+    out["quantize_x_ms"] = round(_cuda_ms(lambda: quantize_rows(x)), 3)   # eager: an upper bound
     return out
 
 

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .fp8 import E4M3_MAX
+
 try:
     import triton
     import triton.language as tl
@@ -43,7 +45,6 @@ except ImportError:  # CPU-only installs: the reference path below is used
     triton = None
 
 MAX_CAP = 60.0
-E4M3_MAX = 448.0
 GRAD_FP8_SCALE = 2.0 ** 14   # e5m2 holds up to 57344: [-1, 1] * 2^14 keeps tiny probabilities normal
 
 

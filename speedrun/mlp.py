@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fp8 import quantize_rows
+
 try:
     import triton
     import triton.language as tl
@@ -213,19 +215,6 @@ def _(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
 # matmuls: a row's scale spans the whole contraction, no block scales needed. The other four MLP
 # matmuls stay bf16 (their K is 3072 hidden units or the tokens: a row scale of post / d(pre)
 # would need a reduction across the fused kernel's column tiles).
-E4M3_MAX = 448.0
-
-
-def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
-    """t [R, K] -> (q e4m3 [R, K], scale fp32 [R]) with t ~= q * scale[:, None].
-
-    Power-of-two scales (as torchao's rowwise recipe): dividing by them is exact, so the only
-    rounding is e4m3's own. An all-zero row gets the smallest scale and quantizes to zeros."""
-    amax = t.abs().amax(dim=1).float().clamp_min(2.0 ** -100)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
-    return (t.float() / scale[:, None]).to(torch.float8_e4m3fn).contiguous(), scale
-
-
 @torch.library.custom_op("speedrun::linear_relu2_fp8", mutates_args=())
 def linear_relu2_fp8(xq: Tensor, sx: Tensor, w1q: Tensor, sw1: Tensor, dtype: torch.dtype) -> Tensor:
     """post = relu(pre)^2 in `dtype`, pre = (xq * sx) @ (w1q * sw1)^T; xq [M, K], w1q [N, K] e4m3."""

@@ -19,6 +19,7 @@ from test_head import needs_triton
 from test_recipe import train_cpu_tiny
 
 import speedrun.mlp as mlp
+from speedrun.fp8 import quantize_rows
 from speedrun.mlp import reference_mlp, relu2_mlp
 from speedrun.model import MLP, norm
 
@@ -45,32 +46,14 @@ def test_cpu_ops_give_the_unfused_mlp_and_its_gradients(dtype, save_pre, monkeyp
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
 
 
-def test_quantize_rows_uses_power_of_two_row_scales_and_e4m3_rounding():
-    torch.manual_seed(0)
-    t = torch.randn(6, 40) * torch.tensor([1e-3, 1.0, 30.0, 1e4, 1.0, 0.0])[:, None]
-    q, scale = mlp.quantize_rows(t)
-    assert q.dtype == torch.float8_e4m3fn and q.is_contiguous() and scale.shape == (6,)
-    assert torch.equal(scale[:5], torch.exp2(torch.log2(scale[:5]).round()))   # powers of two
-    peak = q.float().abs().amax(dim=1)
-    assert ((peak[:5] > 224) & (peak[:5] <= 448)).all()     # the row's largest value uses the top octave
-    assert torch.equal(q[5].float(), torch.zeros(40))       # an all-zero row stays zero, no NaN
-    deq = q.float() * scale[:, None]
-    big = t.abs() > scale[:, None] * 2 ** -6               # e4m3 normals: 3 mantissa bits
-    assert ((deq - t).abs()[big] <= t.abs()[big] * 2 ** -4).all()
-    # a transposed view (W2's columns) quantizes to a contiguous copy, as the kernels' TMA needs
-    qt, st = mlp.quantize_rows(t[:5].t())
-    assert qt.shape == (40, 5) and qt.is_contiguous()
-    assert ((qt.float() * st[:, None] - t[:5].t()).abs() <= t[:5].t().abs().amax(1, keepdim=True) * 2 ** -4).all()
-
-
 def test_fp8_mlp_computes_on_the_quantized_operands():
     """fp8=True: forward = the MLP of the dequantized x and W1; gradients near fp32's."""
     torch.manual_seed(0)
     x, g = torch.randn(2, 24, 64), torch.randn(2, 24, 64)
     w1, w2 = torch.randn(256, 64) / 8, torch.randn(64, 256) / 16
     fp8, ref = _fp8_grads(x, w1, w2, g), _grads(reference_mlp, x, w1, w2, g)
-    xq, sx = mlp.quantize_rows(x.reshape(-1, 64))
-    wq, sw = mlp.quantize_rows(w1)
+    xq, sx = quantize_rows(x.reshape(-1, 64))
+    wq, sw = quantize_rows(w1)
     exact = reference_mlp((xq.float() * sx[:, None]).view_as(x), wq.float() * sw[:, None], w2)
     assert torch.allclose(fp8[0], exact, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(fp8[0], ref[0], rtol=1e-3, atol=1e-4)   # the flag did reach the op
@@ -145,6 +128,7 @@ def test_training_switch_reaches_every_block_and_keeps_the_loss(tmp_path):
 _INTERPRETED = r"""
 import json, torch
 import speedrun.mlp as mlp
+from speedrun.fp8 import quantize_rows
 torch.manual_seed(0)
 out = []
 # (tokens, dim, hidden): multiples of the interpreter's 32x32x16 tiles, and ragged ones (masks)
@@ -164,10 +148,10 @@ for M, K, N in [(64, 32, 128), (50, 48, 72)]:
         out.append({"shape": [M, K, N], "save_pre": save_pre, "errs": errs,
                     "post_err": ((post - torch.relu(x @ w1.t()).square()).norm()).item()})
     # FP8 kernels against the same math on the dequantized operands (K * 1 byte: TMA's 16-byte rows)
-    xq, sx = mlp.quantize_rows(x)
-    wq, sw = mlp.quantize_rows(w1)
-    gq, sg = mlp.quantize_rows(g)
-    w2q, sw2 = mlp.quantize_rows(w2.t())
+    xq, sx = quantize_rows(x)
+    wq, sw = quantize_rows(w1)
+    gq, sg = quantize_rows(g)
+    w2q, sw2 = quantize_rows(w2.t())
     post = mlp.linear_relu2_fp8(xq, sx, wq, sw, torch.float32)
     post_ref = torch.relu((xq.float() * sx[:, None]) @ (wq.float() * sw[:, None]).t()).square()
     dpre = mlp.linear_relu2_grad_fp8(gq, sg, w2q, sw2, post)
