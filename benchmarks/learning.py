@@ -54,6 +54,7 @@ VARIANTS = {
     "unfused_mlp": {"fused_mlp": False},
     "fp8_mlp": {"fp8_mlp": "on"},
     "bf16_mlp": {"fp8_mlp": "off"},
+    "fp8_attn": {"fp8_attn": "on"},
     "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},   # the FP8 head's weight gradient as a bf16 matmul
     "embed_dense": {"embed_grad": "dense"},     # bf16 nn.Embedding tables (dense backward, bf16 adds)
     # FlexAttention told that every query row keeps at least one key. True of the row, false of

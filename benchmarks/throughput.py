@@ -35,6 +35,7 @@ VARIANTS = {
     "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
     "fp8_mlp": {"fp8_mlp": "on"},                 # FP8 operands inside the fused MLP kernels
     "bf16_mlp": {"fp8_mlp": "off"},               # the fused MLP kernels in bf16
+    "fp8_attn": {"fp8_attn": "on"},               # FP8 forward of the attention's q/k/v and output projections
     "fp8_head": {"fp8_head": "on"},               # FP8 head matmuls (head.py)
     "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh

@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import embedding
 from .embedding import Embedding
+from .fp8 import forward_fp8_linear
 from .head import mtp_targets, softcap_cross_entropy, softcap_mtp_loss
 from .mlp import relu2_mlp
 
@@ -116,10 +117,13 @@ class CausalSelfAttention(nn.Module):
         # lets a head switch itself off per token (a learned "no-op" instead of attending to the
         # first token as an attention sink); zero init = every head at 0.5
         self.gate = CastedLinear(ATTN_GATE_DIMS, cfg.n_head, zero_init=True) if cfg.attn_gate else None
+        self.fp8 = False   # e4m3 operands in the forward of the q/k/v and output projections (fp8.py)
 
     def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask | Tensor) -> Tensor:
         B, T = x.size(0), x.size(1)
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
+        fp8 = self.fp8 and torch.is_grad_enabled()   # training only, as the FP8 MLP and head
+        linear = forward_fp8_linear if fp8 else F.linear
+        qkv = linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
         q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
         v = self.lambdas[0] * v
@@ -135,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x[..., :ATTN_GATE_DIMS]))[..., None]
         y = y.contiguous().view(B, T, self.n_head * self.head_dim)
-        return self.c_proj(y)
+        return linear(y, self.c_proj.weight.type_as(y))
 
 
 class MLP(nn.Module):

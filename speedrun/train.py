@@ -84,6 +84,7 @@ class TrainParams:
     fused_ce: bool = param(True)
     fused_mlp: bool = param(True)
     fp8_mlp: str = param("auto", choices=["auto", "on", "off"])
+    fp8_attn: str = param("off", choices=["auto", "on", "off"])
     fast_tanh: bool = param(True)
     warmup_steps: int = param(3, ge=0)
 
@@ -119,11 +120,12 @@ FREEZE_GC = True
 # The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
 CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
                 batch_tokens=1024, micro_batch_tokens=256, window_start=128, window_end=256,
-                compile=False, fp8="off", fp8_head="off", fp8_mlp="off", warmup_steps=0)
+                compile=False, fp8="off", fp8_head="off", fp8_mlp="off", fp8_attn="off",
+                warmup_steps=0)
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
 RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
-                    "fp8_head", "fused_ce", "fast_tanh", "fused_mlp", "fp8_mlp"}
+                    "fp8_head", "fused_ce", "fast_tanh", "fused_mlp", "fp8_mlp", "fp8_attn"}
 # recipe keys added after checkpoints existed, with the behaviour runs had before each key: a
 # key counts in the fingerprint only when it differs from that, so older checkpoints still
 # resume, and a default that changes later can never pass for the old behaviour
@@ -365,8 +367,11 @@ class Run:
         if p.fp8_mlp == "on" and not self.fp8_mlp:
             raise SpeedrunError("train.fp8_mlp=on runs inside the fused MLP kernels, which need train.fused_mlp=true, "
                                 "train.fp8=off and a Hopper or newer GPU: set train.fp8_mlp=auto")
+        self.fp8_attn = fp8_wanted(p.fp8_attn, self.device, "fp8_attn")
         for block in self.model.blocks:
             block.mlp.fused, block.mlp.fp8 = self.fused_mlp, self.fp8_mlp
+            if block.attn is not None:
+                block.attn.fp8 = self.fp8_attn
         self.model.fp8_head = self.fp8_head = fp8_wanted(p.fp8_head, self.device, "fp8_head")
         self.initial_state = copy.deepcopy(self.model.state_dict())
         self._mtp = torch.zeros(1 + len(p.mtp_weights), device=self.device)   # filled per step
@@ -550,7 +555,7 @@ class Run:
         self.log(f"model: {sum(q.numel() for q in self.model.parameters()) / 1e6:.1f}M parameters "
                  f"({n_params / 1e6:.1f}M in matmuls) | device {device_name(self.device)} x{self.world} "
                  f"| fp8 mlp {'torchao' if self.fp8 else 'fused kernels' if self.fp8_mlp else 'off'}, "
-                 f"head {'on' if self.fp8_head else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
+                 f"attn {'on' if self.fp8_attn else 'off'}, head {'on' if self.fp8_head else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
         self._last_report = None
         pending = None           # (step, loss tensor), logged one step late: no stall
         last_loss = None
@@ -727,6 +732,7 @@ class Run:
             "fused_ce": p.fused_ce,
             "fused_mlp": self.fused_mlp,
             "fp8_mlp": self.fp8_mlp,
+            "fp8_attn": self.fp8_attn,
             "fast_tanh": p.fast_tanh,
             "compile": p.compile,
             "recompiles_after_warmup": int(recompiles),

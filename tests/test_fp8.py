@@ -40,3 +40,23 @@ def test_forward_fp8_linear_is_the_matmul_of_the_quantized_operands_with_bf16_gr
     # gradients of the unquantized matmul: dx = g @ w, dw = g^T @ x
     assert torch.allclose(xr.grad, g @ w, rtol=1e-5, atol=1e-6)
     assert torch.allclose(wr.grad, g.reshape(-1, 96).t() @ x.reshape(-1, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_fp8_switch_changes_training_forward_only():
+    from speedrun.model import CausalSelfAttention, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=128, n_layer=2, model_dim=64, n_head=2, head_dim=32, max_seq_len=64)
+    attn = CausalSelfAttention(cfg)
+    torch.nn.init.normal_(attn.c_proj.weight, std=0.05)   # zero init would hide the output projection
+    x = torch.randn(1, 32, 64)
+    mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    with torch.no_grad():
+        bf16 = attn(x, None, mask)
+        attn.fp8 = True
+        assert torch.equal(attn(x, None, mask), bf16)     # validation: no FP8 rounding
+    y = attn(x, None, mask)
+    assert not torch.allclose(y.detach(), bf16, rtol=1e-3, atol=1e-4)
+    assert ((y.detach() - bf16).norm() / bf16.norm()).item() < 0.1
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in (attn.qkv_w, attn.c_proj.weight))
