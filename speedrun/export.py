@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import DataError, ParamError
 from .hub import check_repo_id
-from .model import ATTN_GATE_DIMS, ATTN_SCALE, BIGRAM_MULTS, BLOCK_SIZE, EOT_ID, SMEAR_GATE_DIMS
+from .model import ATTN_GATE_DIMS, ATTN_SCALE, BIGRAM_MULTS, BLOCK_SIZE, EOT_ID, SMEAR_GATE_DIMS, VE_GATE_DIMS
 from .params import param
 
 HF_CODE_DIR = Path(__file__).parent / "hf_model"
@@ -29,7 +29,8 @@ CODE_FILES = ("configuration_speedrun_gpt.py", "modeling_speedrun_gpt.py")
 TEXT_VOCAB = 50257          # GPT-2's tokens; model rows above are padding (vocab rounded to x128)
 # GPTConfig fields the HF modeling code reproduces (max_seq_len is not needed there)
 MIRRORED_FIELDS = {"vocab_size", "n_layer", "model_dim", "n_head", "head_dim", "value_embeds",
-                   "no_attn_layer", "logit_cap", "attn_gate", "bigram_vocab"}
+                   "no_attn_layer", "logit_cap", "attn_gate", "bigram_vocab", "key_offset",
+                   "backout_layer", "ve_gates"}
 HUB_DATASETS = {"HuggingFaceFW/fineweb-edu", "HuggingFaceFW/fineweb"}
 
 
@@ -60,7 +61,8 @@ def hf_config(state: dict):
                         "speedrun/hf_model/modeling_speedrun_gpt.py: extend it before exporting")
     config = SpeedrunGPTConfig(**cfg, window_blocks=int(state["window_blocks"]), block_size=BLOCK_SIZE,
                                attn_scale=ATTN_SCALE, smear_gate_dims=SMEAR_GATE_DIMS,
-                               attn_gate_dims=ATTN_GATE_DIMS, bigram_mults=BIGRAM_MULTS,
+                               attn_gate_dims=ATTN_GATE_DIMS, ve_gate_dims=VE_GATE_DIMS,
+                               bigram_mults=BIGRAM_MULTS,
                                eot_token_id=EOT_ID, text_vocab_size=TEXT_VOCAB)
     config.architectures = ["SpeedrunGPTForCausalLM"]
     config.auto_map = {"AutoConfig": "configuration_speedrun_gpt.SpeedrunGPTConfig",

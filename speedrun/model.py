@@ -3,7 +3,9 @@
 The architecture is the modded-nanogpt line: rotary embeddings, QK RMS-norm, ReLU^2 MLP, RMS-norm
 without gains, zero-initialised output projections, value embeddings mixed into the attention
 values (U-net layer pattern), U-net skips with learned weights, a learned mix with the initial
-embedding x0 in every block, a smear gate, soft-capped logits and an untied head.
+embedding x0 in every block, a smear gate, soft-capped logits and an untied head. Three later
+records' switches (off by default): a partial key offset, a backout of an early residual before
+the head, and per-head gates on the value embeddings.
 
 Attention runs through FlexAttention over ONE flat sequence per micro-batch (batch size 1): the
 block mask keeps it causal, inside each document (documents start at token 50256) and inside a
@@ -30,6 +32,7 @@ BLOCK_SIZE = 128        # FlexAttention block size; windows and sequence lengths
 ATTN_SCALE = 0.12       # fixed softmax scale with QK-norm (modded-nanogpt; ~1/sqrt(head_dim) is too soft)
 SMEAR_GATE_DIMS = 12    # the smear gate reads this many leading embedding dims
 ATTN_GATE_DIMS = 12     # the attention gate reads this many leading dims of the block input
+VE_GATE_DIMS = 12       # the value-embedding gates read this many leading dims of the block input
 BIGRAM_MULTS = (36313, 27191)   # hash of (token, previous token): products stay below 2^31
 
 # FlexAttention must always run compiled: its eager fallback materialises the full score matrix
@@ -51,6 +54,9 @@ class GPTConfig:
     logit_cap: float = 30.0
     attn_gate: bool = False    # per-head sigmoid gate on the attention output (modded-nanogpt)
     bigram_vocab: int = 0      # rows of the hashed-bigram embedding added in every block; 0 = none
+    key_offset: bool = False   # long-window layers' keys carry the previous token's position-free dims
+    backout_layer: int = -1    # subtract a learned share of this block's output before the head; -1 = none
+    ve_gates: bool = False     # per-head sigmoid gates on the value embeddings (modded-nanogpt)
     max_seq_len: int = 65536   # rotary table length: the longest flat sequence a forward sees
 
     def validate(self) -> None:
@@ -62,6 +68,8 @@ class GPTConfig:
             raise ValueError("head_dim must be a multiple of 4 (half-truncated rotary)")
         if self.bigram_vocab == 1:
             raise ValueError("bigram_vocab must be 0 (off) or >= 2")
+        if not -1 <= self.backout_layer < self.n_layer - 1:
+            raise ValueError("backout_layer must be -1 (off) or a block before the last")
 
 
 def norm(x: Tensor) -> Tensor:
@@ -103,8 +111,21 @@ class Rotary(nn.Module):
         return y.type_as(x_BTHD)
 
 
+def offset_keys(k: Tensor, prev_ok: Tensor) -> Tensor:
+    """Partial key offset (modded-nanogpt): the position-free half of each key's dims (the zero-
+    frequency rotary dims, [d/4, d/2) and [3d/4, d)) is taken from the previous token's key, so one
+    attention layer can match "the token after an earlier copy of mine" (an induction head).
+    `prev_ok` [T] is False where a document starts: such a key keeps its own dims, so nothing of
+    the previous document leaks in. k: [B, T, H, D] after rotary."""
+    D = k.size(-1)
+    prev = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+    prev = torch.where(prev_ok[None, :, None, None], prev, k)
+    rot = torch.arange(D, device=k.device) % (D // 2) < D // 4   # the rotating dims stay
+    return torch.where(rot, k, prev)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, key_offset: bool = False, ve_gate: bool = False):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         hdim = cfg.n_head * cfg.head_dim
@@ -117,18 +138,27 @@ class CausalSelfAttention(nn.Module):
         # lets a head switch itself off per token (a learned "no-op" instead of attending to the
         # first token as an attention sink); zero init = every head at 0.5
         self.gate = CastedLinear(ATTN_GATE_DIMS, cfg.n_head, zero_init=True) if cfg.attn_gate else None
+        self.key_offset = key_offset
+        # per-head gate on the value embedding, 2 * sigmoid(...): zero init = x1, the ungated model
+        self.ve_gate = CastedLinear(VE_GATE_DIMS, cfg.n_head, zero_init=True) if ve_gate else None
         self.fp8 = False   # e4m3 operands in the forward of the q/k/v and output projections (fp8.py)
 
-    def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask | Tensor) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask | Tensor,
+                prev_ok: Tensor | None = None) -> Tensor:
         B, T = x.size(0), x.size(1)
         fp8 = self.fp8 and torch.is_grad_enabled()   # training only, as the FP8 MLP and head
         linear = forward_fp8_linear if fp8 else F.linear
         qkv = linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
         q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        if self.key_offset:
+            k = offset_keys(k, prev_ok)
         v = self.lambdas[0] * v
         if ve is not None:
-            v = v + self.lambdas[1] * ve.view_as(v)
+            ve = ve.view_as(v)
+            if self.ve_gate is not None:
+                ve = ve * (2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_DIMS])))[..., None]
+            v = v + self.lambdas[1] * ve
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(block_mask, BlockMask):
             y = _flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE,
@@ -160,22 +190,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer: int):
+    def __init__(self, cfg: GPTConfig, layer: int, long_window: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg) if layer != cfg.no_attn_layer else None
+        has_ve = layer < cfg.value_embeds or layer >= cfg.n_layer - cfg.value_embeds
+        self.attn = CausalSelfAttention(cfg, key_offset=cfg.key_offset and long_window,
+                                        ve_gate=cfg.ve_gates and has_ve) if layer != cfg.no_attn_layer else None
         self.mlp = MLP(cfg.model_dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, block_mask: BlockMask | Tensor,
                 skip: Tensor | None = None, skip_weight: Tensor | None = None,
-                bigram: Tensor | None = None, bigram_lambda: Tensor | None = None) -> Tensor:
+                bigram: Tensor | None = None, bigram_lambda: Tensor | None = None,
+                prev_ok: Tensor | None = None) -> Tensor:
         if skip is not None:  # U-net skip, added here so it fuses into the compiled block
             x = x + skip_weight * skip
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if bigram is not None:
             x = x + bigram_lambda * bigram
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, block_mask)
+            x = x + self.attn(norm(x), ve, block_mask, prev_ok)
         return x + self.mlp(norm(x))
 
 
@@ -258,8 +291,15 @@ class GPT(nn.Module):
             Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
         self.smear_gate = CastedLinear(SMEAR_GATE_DIMS, 1, zero_init=True)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # long window on layers 0, 4 of each half (mirrored), half window elsewhere: most layers
+        # only need local context, and short windows are cheaper
+        half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
+        self.long_window = half + half[::-1]
+        self.blocks = nn.ModuleList(Block(cfg, i, self.long_window[i]) for i in range(cfg.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        # backout (modded-nanogpt): the final state minus a learned share of an early block's
+        # output, which the later layers needed as context but the prediction does not
+        self.backout_lambda = nn.Parameter(torch.tensor([0.5])) if cfg.backout_layer >= 0 else None
         if cfg.bigram_vocab:
             # hashed (previous token, token) embedding mixed into every block (modded-nanogpt):
             # zero init, so it starts as a no-op; 5 x vocab rows keep collisions rare
@@ -269,10 +309,6 @@ class GPT(nn.Module):
         else:
             self.bigram = self.bigram_lambdas = None
         self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
-        # long window on layers 0, 4 of each half (mirrored), half window elsewhere: most layers
-        # only need local context, and short windows are cheaper
-        half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
-        self.long_window = half + half[::-1]
         # execution switches of the head/loss (not architecture: same weights, same function)
         self.fused_ce = True    # Triton soft-capped CE where it can run (see head.py)
         self.fp8_head = False   # FP8 head matmuls (Hopper/Ada)
@@ -302,16 +338,23 @@ class GPT(nn.Module):
         bigram = self.bigram(bigram_hash(tokens, self.cfg.bigram_vocab))[None] if self.bigram else None
         x = x0
         ve = self.value_embed_per_layer(tokens)
-        skips = []
+        skips, backout = [], None
+        prev_ok = tokens != EOT_ID if self.cfg.key_offset else None   # no key offset across documents
         half = self.cfg.n_layer // 2
         for i, block in enumerate(self.blocks):
             mask = long_bm if self.long_window[i] else short_bm
             extra = {} if bigram is None else {"bigram": bigram, "bigram_lambda": self.bigram_lambdas[i]}
+            if block.attn is not None and block.attn.key_offset:
+                extra["prev_ok"] = prev_ok
             if i < half:
                 x = block(x, ve[i], x0, mask, **extra)
                 skips.append(x)
             else:  # decoder half: the mirrored encoder output joins through a learned weight
                 x = block(x, ve[i], x0, mask, skips.pop(), self.skip_weights[i - half], **extra)
+            if i == self.cfg.backout_layer:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda.type_as(x) * backout
         return norm(x)
 
     def embed_inputs(self, x: Tensor, tokens: Tensor) -> Tensor:
@@ -370,8 +413,10 @@ def build_model(cfg: GPTConfig, device: torch.device) -> GPT:
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Which optimizer owns which parameter: Muon takes the hidden matrices, Adam the rest."""
-    # the attention gates are tiny [heads, 12] matrices: Adam with the scalars, not Muon
-    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2 and ".gate." not in n]
+    # the attention and value-embedding gates are tiny [heads, 12] matrices: Adam with the
+    # scalars, not Muon
+    hidden = [p for n, p in model.blocks.named_parameters()
+              if p.ndim >= 2 and not n.split(".")[-2].endswith("gate")]
     embed = [model.embed.weight, *[e.weight for e in model.value_embeds]]
     if model.bigram is not None:
         embed.append(model.bigram.weight)

@@ -51,6 +51,9 @@ class TrainParams:
     logit_cap: float = param(30.0, gt=0)
     attn_gate: bool = param(False)
     bigram_vocab: int = param(0, ge=0, check=lambda v: None if v != 1 else "must be 0 (off) or >= 2")
+    key_offset: bool = param(False)
+    backout_layer: int = param(-1, ge=-1)
+    ve_gates: bool = param(False)
     batch_tokens: int = param(524288, ge=BLOCK_SIZE)
     micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
     batch_stages: list[float] = param([1.0], gt=0, le=1)
@@ -98,6 +101,9 @@ class TrainParams:
                              f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
         if p.value_embeds > p.n_layer // 2:
             raise ParamError(f"params.yaml: train.value_embeds must be <= n_layer/2 ({p.n_layer // 2})")
+        if p.backout_layer >= p.n_layer - 1:
+            raise ParamError(f"params.yaml: train.backout_layer must be -1 (off) or a block before the "
+                             f"last (0..{p.n_layer - 2}), got {p.backout_layer}")
         if p.window_end < p.window_start:
             raise ParamError("params.yaml: train.window_end must be >= train.window_start")
         if not p.batch_stages:
@@ -131,7 +137,7 @@ RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "comp
 # resume, and a default that changes later can never pass for the old behaviour
 LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muon_weight_decay": 0.0,
                      "attn_gate": False, "bigram_vocab": 0, "batch_stages": [1.0], "batch_stage_lr": [1.0],
-                     "mtp_weights": []}
+                     "mtp_weights": [], "key_offset": False, "backout_layer": -1, "ve_gates": False}
 
 
 def effective(p: TrainParams) -> TrainParams:
@@ -151,8 +157,8 @@ def model_config(p: TrainParams) -> GPTConfig:
     return GPTConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, model_dim=p.model_dim,
                      n_head=p.n_head, head_dim=p.head_dim, value_embeds=p.value_embeds,
                      no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap, attn_gate=p.attn_gate,
-                     bigram_vocab=p.bigram_vocab,
-                     max_seq_len=p.micro_batch_tokens)
+                     bigram_vocab=p.bigram_vocab, key_offset=p.key_offset, backout_layer=p.backout_layer,
+                     ve_gates=p.ve_gates, max_seq_len=p.micro_batch_tokens)
 
 
 def fingerprint(p: TrainParams, manifest: dict) -> str:

@@ -193,17 +193,28 @@ def test_export_bad_inputs(tmp_path, capsys):
     assert code == 2 and "export.repo_id" in err and not os.path.exists(root / "models/hf")
 
 
-@pytest.mark.parametrize("switch", ["attn_gate", "bigram"])
+# switch -> (GPTConfig overrides, how to undo its effect on the trained model)
+ARCH_SWITCHES = {
+    "attn_gate": ({"attn_gate": True}, lambda m: m.blocks[0].attn.gate.weight.zero_()),
+    "bigram": ({"bigram_vocab": 997}, lambda m: m.bigram.weight.zero_()),
+    "key_offset": ({"key_offset": True}, lambda m: setattr(m.blocks[0].attn, "key_offset", False)),
+    "backout": ({"backout_layer": 0}, lambda m: m.backout_lambda.zero_()),
+    "ve_gates": ({"ve_gates": True}, lambda m: m.blocks[1].attn.ve_gate.weight.zero_()),
+}
+
+
+@pytest.mark.parametrize("switch", list(ARCH_SWITCHES))
 def test_architecture_switches_export_and_match(switch):
-    """train.attn_gate (per-head gates) and train.bigram_vocab (hashed bigram embedding) add
-    weights; the HF code must apply them exactly as the trainer's model does (weights set
-    non-zero so they matter), and the weights must load without leftovers."""
+    """The architecture switches of params.yaml (per-head attention gates, hashed bigram
+    embedding, partial key offset, backout, value-embedding gates): the HF code must apply each
+    exactly as the trainer's model does (weights set non-zero so they matter), and the weights
+    must load without leftovers."""
     from speedrun.export import checked_state_dict, hf_config
     from speedrun.hf_model.modeling_speedrun_gpt import SpeedrunGPTForCausalLM
     from speedrun.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    extra = {"attn_gate": True} if switch == "attn_gate" else {"bigram_vocab": 997}
+    extra, undo = ARCH_SWITCHES[switch]
     cfg = GPTConfig(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
                     max_seq_len=512, **extra)
     model = GPT(cfg)
@@ -219,10 +230,7 @@ def test_architecture_switches_export_and_match(switch):
     with torch.no_grad():
         ref = model.logits(model.hidden_states(tokens, torch.tensor(2, dtype=torch.int32)))[0]
         out = hf(tokens[None]).logits[0]
-        if switch == "attn_gate":
-            model.blocks[0].attn.gate.weight.zero_()   # the gates do change the output
-        else:
-            model.bigram.weight.zero_()
+        undo(model)   # the switch does change the output
         without = model.logits(model.hidden_states(tokens, torch.tensor(2, dtype=torch.int32)))[0]
     assert (ref - out).abs().max().item() < 1e-4
     assert (ref - without).abs().max().item() > 1e-2

@@ -46,10 +46,14 @@ def test_dense_mask_is_causal_document_local_windowed(eots, wb):
         assert got.diagonal().all()  # every token sees itself: no empty softmax row
 
 
-def _random_model() -> GPT:
+# the later records' architecture switches, all on (both layers of this model have long windows)
+RECORD_SWITCHES = dict(key_offset=True, backout_layer=0, ve_gates=True)
+
+
+def _random_model(**switches) -> GPT:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1,
-                          no_attn_layer=-1, max_seq_len=T))
+                          no_attn_layer=-1, max_seq_len=T, **switches))
     with torch.no_grad():  # zero-initialised projections and gates would hide any leak
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -57,8 +61,9 @@ def _random_model() -> GPT:
 
 
 @torch.no_grad()
-def test_model_does_not_see_the_future_other_documents_or_beyond_the_window():
-    model = _random_model()
+@pytest.mark.parametrize("switches", [{}, RECORD_SWITCHES], ids=["default", "record_switches"])
+def test_model_does_not_see_the_future_other_documents_or_beyond_the_window(switches):
+    model = _random_model(**switches)
     eots = [0, 200, 300]
     tokens = _tokens(eots, seed=1)
     wb = torch.tensor(2, dtype=torch.int32)
@@ -88,10 +93,11 @@ def test_model_does_not_see_the_future_other_documents_or_beyond_the_window():
 
 
 @torch.no_grad()
-def test_eot_starts_a_document_and_blocks_the_smear_gate():
+@pytest.mark.parametrize("switches", [{}, RECORD_SWITCHES], ids=["default", "record_switches"])
+def test_eot_starts_a_document_and_blocks_the_smear_gate(switches):
     """The EOT token belongs to the document it starts: it sees nothing before it, even the
-    previous token through the smear gate."""
-    model = _random_model()
+    previous token through the smear gate or the key offset."""
+    model = _random_model(**switches)
     tokens = _tokens([0, 200], seed=2)
     wb = torch.tensor(4, dtype=torch.int32)
     base = model.hidden_states(tokens, wb)[0]
@@ -112,3 +118,44 @@ def test_masks_built_ahead_give_the_same_loss_and_belong_to_their_sequence():
     ahead = model.train_loss(tokens, targets, wb, None, model.attention_masks(tokens, wb))[0]
     wrong = model.train_loss(tokens, targets, wb, None, model.attention_masks(other, wb))[0]
     assert torch.equal(inside, ahead) and not torch.allclose(inside, wrong)
+
+
+def test_key_offset_takes_the_previous_keys_position_free_dims_within_a_document():
+    from speedrun.model import offset_keys
+
+    T_, D = 6, 16
+    k = torch.randn(1, T_, 2, D)
+    prev_ok = torch.tensor([True, True, True, False, True, True])   # a document starts at 3
+    out = offset_keys(k, prev_ok)
+    rot = [*range(0, 4), *range(8, 12)]        # rotary pairs (d, d + D/2) for the first D/4 dims
+    still = [*range(4, 8), *range(12, 16)]     # zero-frequency dims: no position of their own
+    assert torch.equal(out[..., rot], k[..., rot])
+    for t in range(T_):
+        src = t - 1 if t > 0 and prev_ok[t] else t
+        assert torch.equal(out[0, t][..., still], k[0, src][..., still]), t
+
+
+def test_record_switches_add_small_adam_parameters_and_start_as_the_plain_model():
+    """ve gates start at x1 (2 * sigmoid(0)) and belong to Adam, like the attention gates; the
+    backout share is a scalar. With gates and backout zeroed, the model equals the plain one."""
+    from speedrun.model import param_groups
+
+    plain = _random_model()
+    model = _random_model(backout_layer=0, ve_gates=True)
+    gates = [n for n, _ in model.named_parameters() if "ve_gate" in n]
+    assert gates == ["blocks.0.attn.ve_gate.weight", "blocks.1.attn.ve_gate.weight"]
+    groups = param_groups(model)
+    hidden = {id(p) for p in groups["hidden"]}
+    assert all(id(model.get_parameter(n)) not in hidden for n in gates)
+    assert model.backout_lambda.shape == (1,) and any(p is model.backout_lambda for p in groups["scalar"])
+    assert len(groups["hidden"]) == len(param_groups(plain)["hidden"])
+    with torch.no_grad():
+        model.load_state_dict(plain.state_dict(), strict=False)
+        for n in gates:
+            model.get_parameter(n).zero_()
+        model.backout_lambda.zero_()
+    tokens, wb = _tokens([0, 200]), torch.tensor(2, dtype=torch.int32)
+    with torch.no_grad():
+        assert torch.allclose(model.hidden_states(tokens, wb), plain.hidden_states(tokens, wb), atol=1e-6)
+        model.backout_lambda.fill_(0.5)
+        assert not torch.allclose(model.hidden_states(tokens, wb), plain.hidden_states(tokens, wb), atol=1e-3)

@@ -138,3 +138,20 @@ def test_cpu_tiny_trains_with_batch_stages_mtp_and_bigram(tmp_path):
     assert [h["tokens"] for h in run.val_history] == [3 * 512, 3 * 512 + 3 * 1024]   # steps 3 and 6
     assert losses[-1] < losses[0] - 0.5
     assert math.isfinite(m["final_val_loss"]) and m["final_val_loss"] < losses[0]
+
+
+def test_cpu_tiny_trains_with_key_offset_backout_and_ve_gates(tmp_path):
+    run, m, losses = train_cpu_tiny(tmp_path, 6, key_offset=True, backout_layer=0, ve_gates=True)
+    model = run.model
+    assert model.blocks[0].attn.key_offset and model.blocks[1].attn.key_offset   # both long-window
+    assert model.backout_lambda.item() != 0.5                                    # it learned
+    assert model.blocks[0].attn.ve_gate.weight.abs().sum() > 0
+    assert losses[-1] < losses[0] - 0.5 and math.isfinite(m["final_val_loss"])
+
+
+def test_backout_layer_must_precede_the_last_block():
+    with pytest.raises(ParamError, match="train.backout_layer"):
+        TrainParams(n_layer=12, backout_layer=11).validate()
+    with pytest.raises(ParamError, match="train.backout_layer"):
+        parse_section({"train": {"backout_layer": -2}}, "train", TrainParams)
+    TrainParams(n_layer=12, backout_layer=7).validate()

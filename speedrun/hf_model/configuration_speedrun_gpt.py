@@ -9,8 +9,8 @@ class SpeedrunGPTConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=50304, n_layer=12, model_dim=768, n_head=6, head_dim=128,
                  value_embeds=3, no_attn_layer=7, logit_cap=30.0, attn_gate=False, attn_gate_dims=12,
-                 bigram_vocab=0, bigram_mults=(36313, 27191),
-                 window_blocks=14,
+                 bigram_vocab=0, bigram_mults=(36313, 27191), key_offset=False, backout_layer=-1,
+                 ve_gates=False, ve_gate_dims=12, window_blocks=14,
                  block_size=128, attn_scale=0.12, smear_gate_dims=12, eot_token_id=50256,
                  text_vocab_size=50257, initializer_range=0.02, use_cache=False, **kwargs):
         self.vocab_size = vocab_size            # rows of the embedding/head (50257 padded to x128)
@@ -25,6 +25,10 @@ class SpeedrunGPTConfig(PretrainedConfig):
         self.attn_gate_dims = attn_gate_dims    # ... read from this many leading input dims
         self.bigram_vocab = bigram_vocab        # rows of the hashed-bigram embedding; 0 = none
         self.bigram_mults = list(bigram_mults)  # its hash: (m0 * token) XOR (m1 * previous token)
+        self.key_offset = key_offset            # long-window keys take the previous token's position-free dims
+        self.backout_layer = backout_layer      # block whose output is partly subtracted before the head; -1 = none
+        self.ve_gates = ve_gates                # per-head sigmoid gates on the value embeddings
+        self.ve_gate_dims = ve_gate_dims        # ... read from this many leading input dims
         self.window_blocks = window_blocks      # attention window in blocks of block_size tokens
         self.block_size = block_size
         self.attn_scale = attn_scale

@@ -97,8 +97,18 @@ def rotary(x_BTHD: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x_BTHD)
 
 
+def offset_keys(k: Tensor, input_ids: Tensor, eot: int) -> Tensor:
+    """Partial key offset: the position-free dims ([d/4, d/2) and [3d/4, d)) of each key come from
+    the previous token's key, except where a document starts (<|endoftext|>). k: [B, T, H, D]."""
+    D = k.size(-1)
+    prev = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+    prev = torch.where((input_ids != eot)[:, :, None, None], prev, k)
+    rot = torch.arange(D, device=k.device) % (D // 2) < D // 4
+    return torch.where(rot, k, prev)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: SpeedrunGPTConfig):
+    def __init__(self, cfg: SpeedrunGPTConfig, key_offset: bool = False, ve_gate: bool = False):
         super().__init__()
         self.n_head, self.head_dim, self.scale = cfg.n_head, cfg.head_dim, cfg.attn_scale
         hdim = cfg.n_head * cfg.head_dim
@@ -107,15 +117,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = CastedLinear(hdim, cfg.model_dim)
         self.gate_dims = cfg.attn_gate_dims
         self.gate = CastedLinear(cfg.attn_gate_dims, cfg.n_head) if cfg.attn_gate else None
+        self.key_offset, self.eot = key_offset, cfg.eot_token_id
+        self.ve_gate_dims = getattr(cfg, "ve_gate_dims", 12)
+        self.ve_gate = CastedLinear(self.ve_gate_dims, cfg.n_head) if ve_gate else None
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, mask: Tensor, input_ids: Tensor) -> Tensor:
         B, T = x.size(0), x.size(1)
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
         q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
         q, k = rotary(norm(q)), rotary(norm(k))
+        if self.key_offset:
+            k = offset_keys(k, input_ids, self.eot)
         v = self.lambdas[0] * v
         if ve is not None:
-            v = v + self.lambdas[1] * ve.view_as(v)
+            ve = ve.view_as(v)
+            if self.ve_gate is not None:  # per-head gate, 2 * sigmoid, read from the block input
+                ve = ve * (2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_dims])))[..., None]
+            v = v + self.lambdas[1] * ve
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
         if self.gate is not None:  # per-head sigmoid gate read from the block input
@@ -134,19 +152,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: SpeedrunGPTConfig, layer: int):
+    def __init__(self, cfg: SpeedrunGPTConfig, layer: int, long_window: bool):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg) if layer != cfg.no_attn_layer else None
+        k = cfg.value_embeds
+        has_ve = layer < k or layer >= cfg.n_layer - k
+        self.attn = CausalSelfAttention(
+            cfg, key_offset=getattr(cfg, "key_offset", False) and long_window,
+            ve_gate=getattr(cfg, "ve_gates", False) and has_ve) if layer != cfg.no_attn_layer else None
         self.mlp = MLP(cfg.model_dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: Tensor,
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: Tensor, input_ids: Tensor,
                 bigram: Tensor | None = None, bigram_lambda: Tensor | None = None) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if bigram is not None:
             x = x + bigram_lambda * bigram
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, mask)
+            x = x + self.attn(norm(x), ve, mask, input_ids)
         return x + self.mlp(norm(x))
 
 
@@ -175,8 +197,13 @@ class SpeedrunGPTForCausalLM(SpeedrunGPTPreTrainedModel, GenerationMixin):
             nn.Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
         self.smear_gate = CastedLinear(cfg.smear_gate_dims, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # long window on layers 0, 4, ... of each half (mirrored), half window elsewhere
+        half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
+        self.long_window = half + half[::-1]
+        self.blocks = nn.ModuleList(Block(cfg, i, self.long_window[i]) for i in range(cfg.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        self.backout_layer = getattr(cfg, "backout_layer", -1)
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if self.backout_layer >= 0 else None
         bigram_vocab = getattr(cfg, "bigram_vocab", 0)
         if bigram_vocab:
             self.bigram = nn.Embedding(bigram_vocab, cfg.model_dim)
@@ -184,9 +211,6 @@ class SpeedrunGPTForCausalLM(SpeedrunGPTPreTrainedModel, GenerationMixin):
         else:
             self.bigram = self.bigram_lambdas = None
         self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size)
-        # long window on layers 0, 4, ... of each half (mirrored), half window elsewhere
-        half = [i % 4 == 0 for i in range(cfg.n_layer // 2)]
-        self.long_window = half + half[::-1]
         self.post_init()
 
     def get_input_embeddings(self):
@@ -214,14 +238,18 @@ class SpeedrunGPTForCausalLM(SpeedrunGPTPreTrainedModel, GenerationMixin):
             t = input_ids.to(torch.int32)
             h = torch.bitwise_xor(cfg.bigram_mults[0] * t[:, 1:], cfg.bigram_mults[1] * t[:, :-1]) % mod
             bigram = self.bigram(torch.cat([torch.full_like(t[:, :1], mod), h], dim=1))
-        skips, half = [], cfg.n_layer // 2
+        skips, half, backout = [], cfg.n_layer // 2, None
         for i, block in enumerate(self.blocks):
             if i >= half:  # decoder half: add the mirrored encoder output (U-net)
                 x = x + self.skip_weights[i - half] * skips.pop()
             extra = {} if bigram is None else {"bigram": bigram, "bigram_lambda": self.bigram_lambdas[i]}
-            x = block(x, ve[i], x0, long_mask if self.long_window[i] else short_mask, **extra)
+            x = block(x, ve[i], x0, long_mask if self.long_window[i] else short_mask, input_ids, **extra)
             if i < half:
                 skips.append(x)
+            if i == self.backout_layer:
+                backout = x
+        if backout is not None:  # backout: minus a learned share of an early block's output
+            x = x - self.backout_lambda.type_as(x) * backout
         return norm(x)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
