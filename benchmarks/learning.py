@@ -50,11 +50,13 @@ VARIANTS = {
     "bigram": {"bigram_vocab": 5 * 50304},               # hashed bigram embedding in every block
     "records": {"batch_tokens": "1.5x", "batch_stages": [1 / 3, 2 / 3, 1.0],
                 "batch_stage_lr": [1.0, 1.52, 1.73], "mtp_weights": [0.5, 0.25], "bigram_vocab": 5 * 50304},
-    # later records' architecture switches, each alone and together (records 49, 40, 55)
-    "key_offset": {"key_offset": True},
-    "backout": {"backout_layer": 7},
-    "ve_gates": {"ve_gates": True},
-    "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},
+    # the later records' architecture switches (records 49, 40, 55; default since learning r14b):
+    # all off (the r14 "default"), the key offset alone (r14c "key_offset"), each one left out
+    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},
+    "key_offset_only": {"backout_layer": -1, "ve_gates": False},
+    "no_key_offset": {"key_offset": False},
+    "no_backout": {"backout_layer": -1},
+    "no_ve_gates": {"ve_gates": False},
     "exact_tanh": {"fast_tanh": False},
     "unfused_mlp": {"fused_mlp": False},
     "fp8_mlp": {"fp8_mlp": "on"},

@@ -49,7 +49,7 @@ VARIANTS = {
     "gc_unfrozen": {"freeze_gc": False},          # no gc.freeze() after the warm-up (train.FREEZE_GC)
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
     "mlp_save_pre": {"mlp_save_pre": True},       # fused MLP keeps pre (not post) for backward: the r12-r24 kernels
-    "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},   # key offset + backout + ve gates
+    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},   # r28's "default": no key offset, backout, ve gates
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
     "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
     "bigram2x": {"bigram_vocab": 2 * 50304},

@@ -3,9 +3,10 @@
 The architecture is the modded-nanogpt line: rotary embeddings, QK RMS-norm, ReLU^2 MLP, RMS-norm
 without gains, zero-initialised output projections, value embeddings mixed into the attention
 values (U-net layer pattern), U-net skips with learned weights, a learned mix with the initial
-embedding x0 in every block, a smear gate, soft-capped logits and an untied head. Three later
-records' switches (off by default): a partial key offset, a backout of an early residual before
-the head, and per-head gates on the value embeddings.
+embedding x0 in every block, a smear gate, soft-capped logits and an untied head. Three switches of
+later records: a partial key offset, a backout of an early residual before the head, and per-head
+gates on the value embeddings (on in params.yaml; off in GPTConfig's defaults, so that a checkpoint
+saved before they existed rebuilds the model it was trained as).
 
 Attention runs through FlexAttention over ONE flat sequence per micro-batch (batch size 1): the
 block mask keeps it causal, inside each document (documents start at token 50256) and inside a

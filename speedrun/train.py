@@ -51,9 +51,9 @@ class TrainParams:
     logit_cap: float = param(30.0, gt=0)
     attn_gate: bool = param(False)
     bigram_vocab: int = param(0, ge=0, check=lambda v: None if v != 1 else "must be 0 (off) or >= 2")
-    key_offset: bool = param(False)
-    backout_layer: int = param(-1, ge=-1)
-    ve_gates: bool = param(False)
+    key_offset: bool = param(True)
+    backout_layer: int = param(7, ge=-1)
+    ve_gates: bool = param(True)
     batch_tokens: int = param(524288, ge=BLOCK_SIZE)
     micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
     batch_stages: list[float] = param([1.0], gt=0, le=1)
@@ -141,7 +141,10 @@ LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muo
 
 
 def effective(p: TrainParams) -> TrainParams:
-    return dataclasses.replace(p, **CPU_TINY) if p.profile == "cpu-tiny" else p
+    if p.profile != "cpu-tiny":
+        return p
+    # the tiny model has 2 blocks: a backout (if on) takes the first one's output
+    return dataclasses.replace(p, **CPU_TINY, backout_layer=min(p.backout_layer, CPU_TINY["n_layer"] - 2))
 
 
 def batch_schedule(p: TrainParams, world: int = 1) -> BatchSchedule:
