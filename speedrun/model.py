@@ -190,10 +190,21 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
+def value_embed_table(cfg: GPTConfig, layer: int) -> int | None:
+    """Which value-embedding table feeds `layer`: tables 0..k-1 feed the first k layers and again
+    the last k (U-net pattern 012 ... 012); None for the layers in between."""
+    k = cfg.value_embeds
+    if layer < k:
+        return layer
+    if layer >= cfg.n_layer - k:
+        return layer - (cfg.n_layer - k)
+    return None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int, long_window: bool = False):
         super().__init__()
-        has_ve = layer < cfg.value_embeds or layer >= cfg.n_layer - cfg.value_embeds
+        has_ve = value_embed_table(cfg, layer) is not None
         self.attn = CausalSelfAttention(cfg, key_offset=cfg.key_offset and long_window,
                                         ve_gate=cfg.ve_gates and has_ve) if layer != cfg.no_attn_layer else None
         self.mlp = MLP(cfg.model_dim)
@@ -316,10 +327,10 @@ class GPT(nn.Module):
         self.fast_tanh = False  # approximate tanh instruction in the fused CE's training pass
 
     def value_embed_per_layer(self, tokens: Tensor) -> list[Tensor | None]:
-        """Tables 0..k-1 feed the first k layers and again the last k layers (012 ... 012)."""
+        """Each layer's value embedding (value_embed_table), every table looked up once."""
         ve = [emb(tokens) for emb in self.value_embeds]
-        k, L = len(ve), self.cfg.n_layer
-        return ve + [None] * (L - 2 * k) + ve
+        return [None if (t := value_embed_table(self.cfg, i)) is None else ve[t]
+                for i in range(self.cfg.n_layer)]
 
     @staticmethod
     def attention_masks(tokens: Tensor, window_blocks: Tensor) -> tuple[BlockMask | Tensor, BlockMask | Tensor]:
