@@ -1,13 +1,18 @@
 """Learning benchmark: recipe variants trained for the same budget on real text, compared in one call.
 
     python -m benchmarks.prepare_imdb                       # once, on any machine (CPU is fine)
-    python -m benchmarks.learning --variants default,bf16,cap15 [--steps 200] [--out FILE]
+    python -m benchmarks.learning --variants default,bf16,cap15 [--steps 200] [--out FILE] [--jobs 4]
 
 Every variant runs the real trainer (`speedrun.train.Run`) in its own process on the IMDB shards
 (train split for training, the corpus's own val split held out), with the same steps and batch,
 and reports validation loss at equal tokens (the common budget) and at equal seconds (each
 curve interpolated at the shortest run's training time). Losses on movie reviews are not
 comparable with the FineWeb 3.28 target: compare variants with each other only.
+
+With --jobs N, up to N variants compile at once (compilation is host work, minutes per variant)
+but still train one at a time, in the order given: each waits until every variant of its group has
+finished its warm-up and the one before it has exited, so no timed step shares the GPU with
+anything. Their seconds stay comparable with a --jobs 1 call's; only the wall clock shrinks.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -82,6 +88,41 @@ def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class Turns:
+    """File-based turn-taking for variants compiled in parallel and trained one after another.
+
+    Variant i of a group writes `ready_i` when its warm-up is done, then waits for every `ready_j`
+    of the group and for `done_j` of every j < i (not only i-1: a crashed variant is done early). The parent writes `ready_j` and `done_j` when process j
+    exits, whatever its exit status, so a variant that crashes never blocks the others."""
+
+    def __init__(self, folder: Path, index: int, group: int, poll_s: float = 0.2):
+        self.folder, self.index, self.group, self.poll_s = Path(folder), index, group, poll_s
+
+    def mark(self, what: str, index: int | None = None) -> None:
+        (self.folder / f"{what}_{self.index if index is None else index}").touch()
+
+    def _wait(self, names: list[str]) -> None:
+        while not all((self.folder / n).exists() for n in names):
+            time.sleep(self.poll_s)
+
+    def wait_for_turn(self) -> None:
+        self.mark("ready")
+        self._wait([f"ready_{j}" for j in range(self.group)])
+        self._wait([f"done_{j}" for j in range(self.index)])
+
+
+def after_warmup(run, then: Callable[[], None]) -> None:
+    """Call `then` after the run's warm-up, outside its compile clock."""
+    warmup = run.warmup
+
+    def warmup_then_wait() -> float:
+        seconds = warmup()
+        then()
+        return seconds
+
+    run.warmup = warmup_then_wait
+
+
 def run_variant(name: str, args) -> dict:
     from speedrun.params import load_section
     from speedrun.train import Paths, Run, TrainParams
@@ -99,6 +140,9 @@ def run_variant(name: str, args) -> dict:
     tmp = Path(tempfile.mkdtemp())
     run = Run(p, Paths(Path(args.shards), tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
               log=lambda msg, **_: progress(f"{name}: {msg}"))
+    if args.turns:
+        turns = Turns(Path(args.turns), args.turn_index, args.turn_group)
+        after_warmup(run, lambda: (progress(f"{name}: warm-up done, waiting for its turn"), turns.wait_for_turn()))
     metrics = run.run()
     return {"variant": name, "overrides": VARIANTS[name], "budget": budget, "metrics": metrics,
             "val_history": run.val_history}
@@ -152,7 +196,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG of the overlaid validation curves")
     ap.add_argument("--replot", default=None, help="only draw --plot from an earlier --out JSON")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="variants compiling at once (each ~20 GiB of GPU memory); training stays one at a time")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--turns", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--turn-index", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--turn-group", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_variant(args.one, args)))
@@ -160,26 +209,65 @@ def main() -> None:
     if args.replot:
         print(plot(json.loads(Path(args.replot).read_text())["results"], args.plot))
         return
-    rows = []
-    for name in args.variants.split(","):
+    names = args.variants.split(",")
+    for name in names:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-        cmd = [sys.executable, "-m", "benchmarks.learning", "--one", name] + [
-            a for k, v in vars(args).items() if k not in ("one", "variants", "out", "plot", "replot")
-            for a in (f"--{k.replace('_', '-')}", str(v))]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                    else {"variant": name, "error": f"exit code {proc.returncode} (see the log above)"})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "val_history"}), flush=True)
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be at least 1")
+    shared = [a for k, v in vars(args).items()
+              if k not in ("one", "variants", "out", "plot", "replot", "jobs", "turns", "turn_index", "turn_group")
+              for a in (f"--{k.replace('_', '-')}", str(v))]
+    rows = []
+    for start in range(0, len(names), args.jobs):
+        group = names[start:start + args.jobs]
+        rows += run_group(group, shared, parallel=args.jobs > 1)
+        if args.out:   # after every group: a call cut by its time limit keeps what finished
+            save(args, rows)
     summary, text = summarize(rows)
     print(text)
     if args.plot:
         plot(rows, args.plot)
     if args.out:
-        from speedrun.atomic import write_json
+        save(args, rows)
 
-        write_json(args.out, {"benchmark": "learning", "corpus": args.shards, "results": rows,
-                              "summary": summary})
+
+def save(args, rows: list[dict]) -> None:
+    from speedrun.atomic import write_json
+
+    write_json(args.out, {"benchmark": "learning", "corpus": args.shards, "results": rows,
+                          "summary": summarize(rows)[0]})
+
+
+def run_group(group: list[str], shared: list[str], parallel: bool) -> list[dict]:
+    """Each variant in a process of its own; in parallel, they take turns to train (Turns)."""
+    turns = Path(tempfile.mkdtemp(prefix="turns-")) if parallel else None
+    procs = []
+    for i, name in enumerate(group):
+        cmd = [sys.executable, "-m", "benchmarks.learning", "--one", name] + shared
+        if turns:
+            cmd += ["--turns", str(turns), "--turn-index", str(i), "--turn-group", str(len(group))]
+        out = tempfile.TemporaryFile(mode="w+")
+        procs.append((name, subprocess.Popen(cmd, stdout=out, text=True, env=os.environ), out))
+        if not turns:
+            procs[-1][1].wait()
+    rows, left = {}, set(range(len(group)))
+    while left:
+        for i in sorted(left):
+            name, proc, out = procs[i]
+            if proc.poll() is None:
+                continue
+            if turns:   # unblock the others even if this one crashed before its turn
+                for what in ("ready", "done"):
+                    Turns(turns, i, len(group)).mark(what)
+            out.seek(0)
+            lines = out.read().strip().splitlines()
+            rows[i] = (json.loads(lines[-1]) if proc.returncode == 0 and lines
+                       else {"variant": name, "error": f"exit code {proc.returncode} (see the log above)"})
+            print(json.dumps({k: v for k, v in rows[i].items() if k != "val_history"}), flush=True)
+            left.discard(i)
+        time.sleep(0.5)
+    return [rows[i] for i in range(len(group))]
 
 
 if __name__ == "__main__":

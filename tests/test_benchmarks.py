@@ -4,6 +4,7 @@ a broken variant's speed out of the results."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -117,3 +118,39 @@ def test_schedule_rate_averages_step_times_not_rates():
            "peak_memory_gib": 18.7, "compile_warmup_s": 15, "recompiles_after_warmup": 0}
     line = table([row]).splitlines()[-1]
     assert "**490k**" in line and "| 510k |" in line
+
+
+def test_turns_train_one_at_a_time_in_order_after_every_warm_up(tmp_path):
+    """learning --jobs N: variants compile together but their timed runs never overlap, and a
+    variant that crashed before its turn (the parent marks it) blocks nobody."""
+    import threading
+
+    from benchmarks.learning import Turns
+
+    group, events, lock = 4, [], threading.Lock()
+    warmup_s = [0.3, 0.0, 0.15, 0.05]   # the first variant finishes its warm-up last
+
+    def variant(i):
+        time.sleep(warmup_s[i])
+        with lock:
+            events.append(("warm", i))
+        Turns(tmp_path, i, group, poll_s=0.01).wait_for_turn()
+        with lock:
+            events.append(("start", i))
+        time.sleep(0.05)
+        with lock:
+            events.append(("end", i))
+        Turns(tmp_path, i, group).mark("done")   # what the parent does when the process exits
+
+    threads = [threading.Thread(target=variant, args=(i,)) for i in (0, 1, 3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    for what in ("ready", "done"):   # variant 2 crashed during its warm-up
+        Turns(tmp_path, 2, group).mark(what)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    runs = [e for e in events if e[0] != "warm"]
+    assert runs == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 3), ("end", 3)]
+    assert events.index(("start", 0)) > max(events.index(("warm", i)) for i in (0, 1, 3))
