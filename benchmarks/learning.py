@@ -12,7 +12,10 @@ comparable with the FineWeb 3.28 target: compare variants with each other only.
 With --jobs N, up to N variants compile at once (compilation is host work, minutes per variant)
 but still train one at a time, in the order given: each waits until every variant of its group has
 finished its warm-up and the one before it has exited, so no timed step shares the GPU with
-anything. Their seconds stay comparable with a --jobs 1 call's; only the wall clock shrinks.
+anything. Only the wall clock shrinks. One bias remains: the first variant to train ran its first
+25 steps slower than the others in both such calls (r15: 6.05 s vs 5.5-5.8; r16: 5.85 vs 5.4-5.6,
+though 3 s of matmuls warmed the GPU before its turn in r16), ~0.5% of its training time; a
+sequential call showed 5.8 s for every variant (r14). Put a variant whose seconds matter least first.
 """
 from __future__ import annotations
 
@@ -56,13 +59,17 @@ VARIANTS = {
     "bigram": {"bigram_vocab": 5 * 50304},               # hashed bigram embedding in every block
     "records": {"batch_tokens": "1.5x", "batch_stages": [1 / 3, 2 / 3, 1.0],
                 "batch_stage_lr": [1.0, 1.52, 1.73], "mtp_weights": [0.5, 0.25], "bigram_vocab": 5 * 50304},
-    # the later records' architecture switches (records 49, 40, 55; default since learning r14b):
-    # all off (the r14 "default"), the key offset alone (r14c "key_offset"), each one left out
-    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},
-    "key_offset_only": {"backout_layer": -1, "ve_gates": False},
-    "no_key_offset": {"key_offset": False},
-    "no_backout": {"backout_layer": -1},
-    "no_ve_gates": {"ve_gates": False},
+    # the later records' architecture switches (records 49, 40, 55), spelt out in full so a name
+    # means the same whatever the defaults: all three were on by default from learning r14b to
+    # r16; since r16 / throughput r29 only the key offset is (= key_offset_only)
+    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},   # r14's "default"
+    "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},             # r15/r16's "default"
+    "key_offset_only": {"key_offset": True, "backout_layer": -1, "ve_gates": False},
+    "no_key_offset": {"key_offset": False, "backout_layer": 7, "ve_gates": True},
+    "no_backout": {"key_offset": True, "backout_layer": -1, "ve_gates": True},
+    "no_ve_gates": {"key_offset": True, "backout_layer": 7, "ve_gates": False},
+    # the default again, later in the same call: the call's own noise, in loss and in seconds
+    "default_again": {},
     "exact_tanh": {"fast_tanh": False},
     "unfused_mlp": {"fused_mlp": False},
     "fp8_mlp": {"fp8_mlp": "on"},
@@ -76,8 +83,9 @@ VARIANTS = {
     "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
     "flex_safe_rows_n128": {"flex": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_N": 128, "fwd_num_stages": 2}},
     # equal seconds with every schedule complete: fewer steps by the measured slowdown
-    # (bigram 5x vocab: 488k vs 502k tok/s in learning-imdb-h100-r5)
-    "bigram_eqtime": {"bigram_vocab": 5 * 50304, "steps_frac": 0.97},
+    # (bigram 5x vocab: 488k vs 502k tok/s in learning-imdb-h100-r5, 0.97; with the later recipe
+    # 551k vs 572k on the H200 in learning-imdb-h200-r15, 0.963)
+    "bigram_eqtime": {"bigram_vocab": 5 * 50304, "steps_frac": 0.963},
     "bigram2x_eqtime": {"bigram_vocab": 2 * 50304, "steps_frac": 0.98},
     # the bf16 MLP kernels cut to the FP8 kernels' time (535k vs 555k tok/s in learning-imdb-h100-r12)
     "bf16_mlp_eqtime": {"fp8_mlp": "off", "steps_frac": 0.964},
@@ -142,7 +150,12 @@ def run_variant(name: str, args) -> dict:
               log=lambda msg, **_: progress(f"{name}: {msg}"))
     if args.turns:
         turns = Turns(Path(args.turns), args.turn_index, args.turn_group)
-        after_warmup(run, lambda: (progress(f"{name}: warm-up done, waiting for its turn"), turns.wait_for_turn()))
+
+        def wait() -> None:
+            progress(f"{name}: warm-up done, waiting for its turn")
+            turns.wait_for_turn()
+
+        after_warmup(run, wait)
     metrics = run.run()
     return {"variant": name, "overrides": VARIANTS[name], "budget": budget, "metrics": metrics,
             "val_history": run.val_history}
@@ -221,9 +234,9 @@ def main() -> None:
     rows = []
     for start in range(0, len(names), args.jobs):
         group = names[start:start + args.jobs]
-        rows += run_group(group, shared, parallel=args.jobs > 1)
-        if args.out:   # after every group: a call cut by its time limit keeps what finished
-            save(args, rows)
+        # after every variant: a call cut by its time limit keeps what finished
+        rows += run_group(group, shared, parallel=args.jobs > 1,
+                          on_finish=lambda done: save(args, rows + done) if args.out else None)
     summary, text = summarize(rows)
     print(text)
     if args.plot:
@@ -239,8 +252,10 @@ def save(args, rows: list[dict]) -> None:
                           "summary": summarize(rows)[0]})
 
 
-def run_group(group: list[str], shared: list[str], parallel: bool) -> list[dict]:
-    """Each variant in a process of its own; in parallel, they take turns to train (Turns)."""
+def run_group(group: list[str], shared: list[str], parallel: bool,
+              on_finish: Callable[[list[dict]], None] = lambda done: None) -> list[dict]:
+    """Each variant in a process of its own; in parallel, they take turns to train (Turns).
+    `on_finish` gets the group's finished rows, in order, whenever a variant ends."""
     turns = Path(tempfile.mkdtemp(prefix="turns-")) if parallel else None
     procs = []
     for i, name in enumerate(group):
@@ -266,6 +281,7 @@ def run_group(group: list[str], shared: list[str], parallel: bool) -> list[dict]
                        else {"variant": name, "error": f"exit code {proc.returncode} (see the log above)"})
             print(json.dumps({k: v for k, v in rows[i].items() if k != "val_history"}), flush=True)
             left.discard(i)
+            on_finish([rows[j] for j in sorted(rows)])
         time.sleep(0.5)
     return [rows[i] for i in range(len(group))]
 

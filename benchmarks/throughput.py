@@ -49,7 +49,13 @@ VARIANTS = {
     "gc_unfrozen": {"freeze_gc": False},          # no gc.freeze() after the warm-up (train.FREEZE_GC)
     "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
     "mlp_save_pre": {"mlp_save_pre": True},       # fused MLP keeps pre (not post) for backward: the r12-r24 kernels
-    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},   # r28's "default": no key offset, backout, ve gates
+    # the later records' architecture switches, in full (see learning.VARIANTS): r28's "default"
+    # was before_arch3, r29's arch3; the default since r29 is key_offset_only
+    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},
+    "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},
+    "key_offset_only": {"key_offset": True, "backout_layer": -1, "ve_gates": False},
+    "no_backout": {"key_offset": True, "backout_layer": -1, "ve_gates": True},
+    "no_ve_gates": {"key_offset": True, "backout_layer": 7, "ve_gates": False},
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
     "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
     "bigram2x": {"bigram_vocab": 2 * 50304},
@@ -252,11 +258,11 @@ def main() -> None:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         rows[-1]["process_s"] = round(time.perf_counter() - t, 1)
         print(json.dumps(rows[-1]), flush=True)
-    print(table(rows))
-    if args.out:
-        from speedrun.atomic import write_json
+        if args.out:   # after every variant: a call cut by its time limit keeps what finished
+            from speedrun.atomic import write_json
 
-        write_json(args.out, {"benchmark": "throughput", "results": rows})
+            write_json(args.out, {"benchmark": "throughput", "results": rows})
+    print(table(rows))
 
 
 if __name__ == "__main__":
