@@ -156,6 +156,6 @@ def test_backout_layer_must_precede_the_last_block():
         parse_section({"train": {"backout_layer": -2}}, "train", TrainParams)
     TrainParams(n_layer=12, backout_layer=7).validate()
     # the 2-block tiny profile backs out its first block when a backout is on, and keeps it off
-    assert train_mod.effective(TrainParams(profile="cpu-tiny")).backout_layer == 0
+    assert train_mod.effective(TrainParams(profile="cpu-tiny", backout_layer=7)).backout_layer == 0
     assert train_mod.effective(TrainParams(profile="cpu-tiny", backout_layer=-1)).backout_layer == -1
     TrainParams(profile="cpu-tiny").validate()
