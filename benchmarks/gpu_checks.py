@@ -156,7 +156,7 @@ def check_fp8(steps: int = 30) -> dict:
         fp8 = enable_fp8(model, mode, torch.device("cuda"))
         adam, muon = build_optimizers(param_groups(model), muon_lr=0.05, muon_momentum=0.95, ns_steps=5,
                                       embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, betas=(0.8, 0.95),
-                                      fused=True, compile=True)
+                                      compile=True)
         f = torch.compile(model, dynamic=False)
         wb = torch.tensor(8, dtype=torch.int32, device="cuda")
         losses = []

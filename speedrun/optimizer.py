@@ -168,13 +168,14 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(groups: dict[str, list], *, muon_lr: float, muon_momentum: float,
                      ns_steps: int, embed_lr: float, head_lr: float, scalar_lr: float,
-                     betas: tuple[float, float], fused: bool, compile: bool,
+                     betas: tuple[float, float], compile: bool,
                      muon_coeffs: str = "newton-schulz", muon_normuon: bool = False,
                      muon_weight_decay: float = 0.0):
     adam = torch.optim.Adam(
         [dict(params=groups["embed"], lr=embed_lr), dict(params=groups["head"], lr=head_lr),
          dict(params=groups["scalar"], lr=scalar_lr)],
-        betas=betas, eps=1e-10, fused=fused)
+        # fused on CPU too (torch >= 2.4): 11 vs 62 ms per step for the cpu-tiny tables
+        betas=betas, eps=1e-10, fused=True)
     muon = Muon(groups["hidden"], lr=muon_lr, momentum=muon_momentum, ns_steps=ns_steps,
                 compile=compile, coeffs=muon_coeffs, normuon=muon_normuon,
                 weight_decay=muon_weight_decay)

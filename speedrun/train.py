@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -269,6 +270,15 @@ def compile_regions(model: GPT) -> None:
         model.mtp_loss = torch.compile(model.mtp_loss, dynamic=False)
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far in this process (0 where it was never imported: nothing
+    was compiled, and importing it only to read 0 costs seconds on a CPU-only machine)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    import torch._dynamo.utils as dyn_utils
+    return dyn_utils.counters["stats"]["unique_graphs"]
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
 
@@ -394,7 +404,7 @@ class Run:
         self.adam, self.muon = build_optimizers(
             param_groups(self.model), muon_lr=p.muon_lr, muon_momentum=p.muon_momentum_start,
             ns_steps=p.muon_ns_steps, embed_lr=p.embed_lr, head_lr=p.head_lr, scalar_lr=p.scalar_lr,
-            betas=(p.adam_beta1, p.adam_beta2), fused=self.device.type == "cuda", compile=p.compile,
+            betas=(p.adam_beta1, p.adam_beta2), compile=p.compile,
             muon_coeffs=p.muon_coeffs, muon_normuon=p.muon_normuon, muon_weight_decay=p.muon_weight_decay)
         self.optimizers = (self.adam, self.muon)
 
@@ -529,8 +539,7 @@ class Run:
         self._window = torch.tensor(1, dtype=torch.int32, device=self.device)
         peak_tflops = measure_bf16_tflops(self.device) if self.master else None
         compile_s = self.warmup()
-        import torch._dynamo.utils as dyn_utils
-        graphs_after_warmup = dyn_utils.counters["stats"]["unique_graphs"]
+        graphs_after_warmup = compiled_graphs()
 
         resumed = self.try_resume()
         start_step, progress = resumed if resumed else (0, {})
@@ -617,7 +626,7 @@ class Run:
             stop.restore()
         progress["train_time_s"] = clock.total
         self.val_history = progress["val_history"]
-        recompiles = dyn_utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
+        recompiles = compiled_graphs() - graphs_after_warmup
         metrics = self._finish(progress, wall0, compile_s, recompiles, peak_tflops, flops_tok)
         if live is not None:
             live.end()

@@ -119,7 +119,7 @@ def test_set_lr_scales_every_group_from_its_base():
     groups = {"embed": [torch.nn.Parameter(torch.randn(10, 4))], "head": [torch.nn.Parameter(torch.randn(3, 4))],
               "scalar": [torch.nn.Parameter(torch.ones(2))], "hidden": [w]}
     adam, muon = build_optimizers(groups, muon_lr=0.05, muon_momentum=0.85, ns_steps=5, embed_lr=0.6,
-                                  head_lr=0.008, scalar_lr=0.04, betas=(0.8, 0.95), fused=False,
+                                  head_lr=0.008, scalar_lr=0.04, betas=(0.8, 0.95),
                                   compile=False)
     set_lr((adam, muon), 0.5)
     set_lr((adam, muon), 0.1)  # not compounding: always relative to base_lr
