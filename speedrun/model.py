@@ -38,7 +38,16 @@ BIGRAM_MULTS = (36313, 27191)   # hash of (token, previous token): products stay
 
 # FlexAttention must always run compiled: its eager fallback materialises the full score matrix
 # and ignores the BlockMask's block sparsity, i.e. it would silently drop the sliding window.
-_flex_attention = torch.compile(flex_attention, dynamic=False)
+# Where CUDA is available it is compiled here, before any compiled block traces a call to it; on a
+# CPU-only machine (no BlockMask reaches it: CPU attention takes the dense mask) on first call,
+# which keeps dynamo and inductor out of every CPU process's imports (~5 s on a slow CI core).
+if torch.cuda.is_available():
+    _flex_attention = torch.compile(flex_attention, dynamic=False)
+else:
+    def _flex_attention(*args, **kwargs):
+        global _flex_attention
+        _flex_attention = torch.compile(flex_attention, dynamic=False)
+        return _flex_attention(*args, **kwargs)
 # Triton tile sizes etc. for FlexAttention (None: inductor's defaults); read when a graph compiles
 FLEX_KERNEL_OPTIONS: dict | None = None
 

@@ -118,15 +118,35 @@ def test_reference_is_capped_cross_entropy():
     assert abs(loss - floor) < 1e-5
 
 
-def test_cpu_without_triton_device_uses_reference():
-    """On CPU tensors (no interpreter) the fused request falls back to the same numbers, and a
-    cap above what the no-max-subtraction kernel allows always takes the reference."""
+def test_cpu_path_equals_the_reference_in_loss_and_gradients():
+    """On CPU tensors (no interpreter) the fused request takes the CPU function, whose hand-written
+    backward must give the reference's gradients, with or without autograd, at any cap up to what
+    an exp without max subtraction allows; above it, the reference itself."""
     torch.manual_seed(0)
-    x, w, t = torch.randn(8, 16), torch.randn(50, 16), torch.randint(0, 50, (8,))
-    for cap in (30.0, MAX_CAP + 1):
-        a = softcap_cross_entropy(x, w, t, cap, fused=True)
-        b = reference_softcap_cross_entropy(x, w, t, cap)
-        assert torch.equal(a, b)
+    x, w = torch.randn(24, 16) * 3, torch.randn(500, 16)
+    t = torch.randint(0, 500, (24,))
+    t[:2] = torch.tensor([0, 499])   # first and last vocabulary rows
+    for cap in (5.0, 30.0, MAX_CAP, MAX_CAP + 1):
+        grads = []
+        for fn in (lambda a, b: softcap_cross_entropy(a, b, t, cap, fused=True),
+                   lambda a, b: reference_softcap_cross_entropy(a, b, t, cap)):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = fn(xr, wr)
+            (loss * 0.5).backward()
+            grads.append((loss.detach(), xr.grad, wr.grad))
+            with torch.no_grad():
+                torch.testing.assert_close(fn(x, w), loss.detach(), rtol=1e-6, atol=0)
+        (la, gxa, gwa), (lb, gxb, gwb) = grads
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+        torch.testing.assert_close(gxa, gxb, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gwa, gwb, rtol=1e-5, atol=1e-7)
+        assert gwb.abs().max() > 1e-3   # the gradients compared are not all ~0
+    # only the states need a gradient (the head frozen): still through the CPU function
+    xr = x.clone().requires_grad_()
+    softcap_cross_entropy(xr, w, t, 30.0, fused=True).backward()
+    xb = x.clone().requires_grad_()
+    reference_softcap_cross_entropy(xb, w, t, 30.0).backward()
+    torch.testing.assert_close(xr.grad, xb.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_fp8_weight_cast_is_made_once_per_optimizer_step():
