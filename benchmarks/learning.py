@@ -68,6 +68,12 @@ VARIANTS = {
     "no_key_offset": {"key_offset": False, "backout_layer": 7, "ve_gates": True},
     "no_backout": {"key_offset": True, "backout_layer": -1, "ve_gates": True},
     "no_ve_gates": {"key_offset": True, "backout_layer": 7, "ve_gates": False},
+    # gates with their logits computed in the q/k/v matmul (model.FOLD_GATES): the same numbers as
+    # attn_gate / ve_gates, only the seconds can differ
+    "ve_gates": {"ve_gates": True},
+    "ve_gates_folded": {"ve_gates": True, "fold_gates": True},
+    "attn_gate_folded": {"attn_gate": True, "fold_gates": True},
+    "gates_folded": {"attn_gate": True, "ve_gates": True, "fold_gates": True},
     # the default again, later in the same call: the call's own noise, in loss and in seconds
     "default_again": {},
     "exact_tanh": {"fast_tanh": False},

@@ -10,6 +10,7 @@ import importlib
 # override key -> (module, attribute)
 SWITCHES = {
     "flex": ("speedrun.model", "FLEX_KERNEL_OPTIONS"),         # FlexAttention kernel_options
+    "fold_gates": ("speedrun.model", "FOLD_GATES"),            # gate logits as extra rows of the q/k/v matmul
     "mlp_tile": ("speedrun.mlp", "KERNEL_CONFIG"),             # fused MLP (BLOCK_M, N, K, stages, warps, ws)
     "mlp_save_pre": ("speedrun.mlp", "SAVE_PRE"),              # fused MLP keeps pre, not post, for backward
     "prefetch_masks": ("speedrun.train", "PREFETCH_MASKS"),    # masks built before the previous backward

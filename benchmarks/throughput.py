@@ -56,6 +56,12 @@ VARIANTS = {
     "key_offset_only": {"key_offset": True, "backout_layer": -1, "ve_gates": False},
     "no_backout": {"key_offset": True, "backout_layer": -1, "ve_gates": True},
     "no_ve_gates": {"key_offset": True, "backout_layer": 7, "ve_gates": False},
+    # the gates computed in the q/k/v matmul (model.FOLD_GATES, same numbers): does it remove their
+    # cost (ve gates 1.7% in r29; the attention gate 2.6% on the H100, learning r3)? Not yet measured
+    "ve_gates": {"ve_gates": True},
+    "ve_gates_folded": {"ve_gates": True, "fold_gates": True},
+    "attn_gate": {"attn_gate": True},
+    "attn_gate_folded": {"attn_gate": True, "fold_gates": True},
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
     "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
     "bigram2x": {"bigram_vocab": 2 * 50304},

@@ -50,6 +50,13 @@ else:
         return _flex_attention(*args, **kwargs)
 # Triton tile sizes etc. for FlexAttention (None: inductor's defaults); read when a graph compiles
 FLEX_KERNEL_OPTIONS: dict | None = None
+# Execution choice, not a recipe change: compute the attention and value-embedding gates' logits in
+# the q/k/v matmul (their [n_head, 12] weights zero-padded to extra rows of it) instead of in
+# matmuls of their own, whose K = 12 and N = 6 run far below the tensor cores' rate and whose
+# weight gradient is a reduction over every token (throughput r29: the ve gates cost 1.7%).
+# Same numbers: the padded zeros add exactly 0. Off until a throughput call measures it
+FOLD_GATES = False
+FOLD_ROWS = 64   # the q/k/v matmul's extra rows are padded to a multiple of this (tile alignment)
 
 
 @dataclasses.dataclass
@@ -134,6 +141,10 @@ def offset_keys(k: Tensor, prev_ok: Tensor) -> Tensor:
     return torch.where(rot, k, prev)
 
 
+def _pad_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, key_offset: bool = False, ve_gate: bool = False):
         super().__init__()
@@ -153,13 +164,35 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = CastedLinear(VE_GATE_DIMS, cfg.n_head, zero_init=True) if ve_gate else None
         self.fp8 = False   # e4m3 operands in the forward of the q/k/v and output projections (fp8.py)
 
+    @staticmethod
+    def _gate_rows(gates: list[CastedLinear], dim: int) -> Tensor:
+        """The gates' [n_head, 12] weights as extra rows of the q/k/v weight: zero past their 12
+        input columns and in the padding rows (F.pad's gradient is the slice: only the real
+        weights learn)."""
+        rows = torch.cat([F.pad(g.weight, (0, dim - g.in_features)) for g in gates])
+        return F.pad(rows, (0, 0, 0, _pad_to(rows.size(0), FOLD_ROWS) - rows.size(0)))
+
     def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask | Tensor,
                 prev_ok: Tensor | None = None) -> Tensor:
         B, T = x.size(0), x.size(1)
         fp8 = self.fp8 and torch.is_grad_enabled()   # training only, as the FP8 MLP and head
         linear = forward_fp8_linear if fp8 else F.linear
-        qkv = linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
-        q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
+        w = self.qkv_w.flatten(end_dim=1)
+        H, qkv_width = self.n_head, w.size(0)
+        ve_gate = self.ve_gate if ve is not None else None
+        gates = [g for g in (self.gate, ve_gate) if g is not None]   # this order in the folded rows
+        fold = FOLD_GATES and bool(gates) and not fp8   # e4m3 rows would blur the gates' logits
+        if fold:
+            w = torch.cat([w, self._gate_rows(gates, w.size(1))])
+        out = linear(x, w.type_as(x))
+        q, k, v = out[..., :qkv_width].view(B, T, 3 * H, self.head_dim).chunk(3, dim=-2)
+        if fold:
+            attn_logits = out[..., qkv_width:qkv_width + H] if self.gate is not None else None
+            lo = qkv_width + (H if self.gate is not None else 0)
+            ve_logits = out[..., lo:lo + H] if ve_gate is not None else None
+        else:
+            attn_logits = self.gate(x[..., :ATTN_GATE_DIMS]) if self.gate is not None else None
+            ve_logits = ve_gate(x[..., :VE_GATE_DIMS]) if ve_gate is not None else None
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
         if self.key_offset:
             k = offset_keys(k, prev_ok)
@@ -167,7 +200,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             ve = ve.view_as(v)
             if self.ve_gate is not None:
-                ve = ve * (2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_DIMS])))[..., None]
+                ve = ve * (2 * torch.sigmoid(ve_logits))[..., None]
             v = v + self.lambdas[1] * ve
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(block_mask, BlockMask):
@@ -177,7 +210,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE)
         y = y.transpose(1, 2)
         if self.gate is not None:
-            y = y * torch.sigmoid(self.gate(x[..., :ATTN_GATE_DIMS]))[..., None]
+            y = y * torch.sigmoid(attn_logits)[..., None]
         y = y.contiguous().view(B, T, self.n_head * self.head_dim)
         return linear(y, self.c_proj.weight.type_as(y))
 
