@@ -79,6 +79,11 @@ class _CpuSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        # the saved buffers become the gradient in place: a second backward (retain_graph) would
+        # read softmax where exp was
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("the CPU soft-capped cross-entropy supports one backward per forward")
+        ctx.consumed = True
         x, weight, tgt, t, e, s = ctx.saved_tensors
         grad = e.div_(s)                                                 # softmax
         grad.scatter_add_(1, tgt, grad.new_full(tgt.shape, -1.0))        # minus the one-hot target

@@ -147,6 +147,11 @@ def test_cpu_path_equals_the_reference_in_loss_and_gradients():
     xb = x.clone().requires_grad_()
     reference_softcap_cross_entropy(xb, w, t, 30.0).backward()
     torch.testing.assert_close(xr.grad, xb.grad, rtol=1e-5, atol=1e-7)
+    # its backward works in place on the saved buffers: a second one must fail, not return garbage
+    loss = softcap_cross_entropy(x.clone().requires_grad_(), w, t, 30.0, fused=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
 
 
 def test_fp8_weight_cast_is_made_once_per_optimizer_step():
