@@ -11,7 +11,7 @@ comparable with the FineWeb 3.28 target: compare variants with each other only.
 
 With --jobs N, up to N variants compile at once (compilation is host work, minutes per variant)
 but still train one at a time, in the order given: each waits until every variant of its group has
-finished its warm-up and the one before it has exited, so no timed step shares the GPU with
+finished its warm-up and every one before it has exited, so no timed step shares the GPU with
 anything. Only the wall clock shrinks. One bias remains: the first variant to train ran its first
 25 steps slower than the others in both such calls (r15: 6.05 s vs 5.5-5.8; r16: 5.85 vs 5.4-5.6,
 though 3 s of matmuls warmed the GPU before its turn in r16), ~0.5% of its training time; a
@@ -106,8 +106,9 @@ class Turns:
     """File-based turn-taking for variants compiled in parallel and trained one after another.
 
     Variant i of a group writes `ready_i` when its warm-up is done, then waits for every `ready_j`
-    of the group and for `done_j` of every j < i (not only i-1: a crashed variant is done early). The parent writes `ready_j` and `done_j` when process j
-    exits, whatever its exit status, so a variant that crashes never blocks the others."""
+    of the group and for `done_j` of every j < i (not only i-1: a crashed variant is done early).
+    The parent writes `ready_j` and `done_j` when process j exits, whatever its exit status, so a
+    variant that crashes never blocks the others."""
 
     def __init__(self, folder: Path, index: int, group: int, poll_s: float = 0.2):
         self.folder, self.index, self.group, self.poll_s = Path(folder), index, group, poll_s
