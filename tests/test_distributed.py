@@ -32,6 +32,12 @@ def _shards(root: Path) -> Path:
     return out
 
 
+def _env(nproc: int) -> dict:
+    """The machine's cores shared among the processes (CI: 2 cores), no oversubscription."""
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    return {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": str(threads)}
+
+
 def _train(root: Path, shards: Path, nproc: int, tag: str) -> tuple[list[float], dict]:
     params = root / f"params-{tag}.yaml"
     params.write_text(yaml.safe_dump({"train": {
@@ -41,8 +47,7 @@ def _train(root: Path, shards: Path, nproc: int, tag: str) -> tuple[list[float],
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stages.train_speedrun", "--params", str(params), "--shards", str(shards),
            "--models", str(out / "models"), "--metrics", str(out / "metrics")]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=PROJECT, env=_env(nproc), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out / "metrics/dvclive/plots/metrics/train/loss.tsv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f, delimiter="\t")]
@@ -75,8 +80,7 @@ def test_two_processes_match_one(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "stages.evaluate_val", "--params", str(params), "--shards", str(shards),
                "--models", str(tmp_path / "one/models"), "--metrics", str(tmp_path / f"eval{nproc}")]
-        env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=PROJECT, env=_env(nproc), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         evals[nproc] = json.loads((tmp_path / f"eval{nproc}/eval.json").read_text())["val_loss"]
     assert abs(evals[1] - m1["final_val_loss"]) < 1e-4      # the trainer's last validation
