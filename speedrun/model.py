@@ -5,8 +5,9 @@ without gains, zero-initialised output projections, value embeddings mixed into 
 values (U-net layer pattern), U-net skips with learned weights, a learned mix with the initial
 embedding x0 in every block, a smear gate, soft-capped logits and an untied head. Three switches of
 later records: a partial key offset, a backout of an early residual before the head, and per-head
-gates on the value embeddings (on in params.yaml; off in GPTConfig's defaults, so that a checkpoint
-saved before they existed rebuilds the model it was trained as).
+gates on the value embeddings (params.yaml turns on the key offset only; all three are off in
+GPTConfig's defaults, so that a checkpoint saved before they existed rebuilds the model it was
+trained as).
 
 Attention runs through FlexAttention over ONE flat sequence per micro-batch (batch size 1): the
 block mask keeps it causal, inside each document (documents start at token 50256) and inside a
@@ -186,13 +187,10 @@ class CausalSelfAttention(nn.Module):
             w = torch.cat([w, self._gate_rows(gates, w.size(1))])
         out = linear(x, w.type_as(x))
         q, k, v = out[..., :qkv_width].view(B, T, 3 * H, self.head_dim).chunk(3, dim=-2)
-        if fold:
-            attn_logits = out[..., qkv_width:qkv_width + H] if self.gate is not None else None
-            lo = qkv_width + (H if self.gate is not None else 0)
-            ve_logits = out[..., lo:lo + H] if ve_gate is not None else None
-        else:
-            attn_logits = self.gate(x[..., :ATTN_GATE_DIMS]) if self.gate is not None else None
-            ve_logits = ve_gate(x[..., :VE_GATE_DIMS]) if ve_gate is not None else None
+        logits = ([out[..., qkv_width + i * H:qkv_width + (i + 1) * H] for i in range(len(gates))] if fold
+                  else [g(x[..., :g.in_features]) for g in gates])
+        attn_logits = logits[0] if self.gate is not None else None
+        ve_logits = logits[-1] if ve_gate is not None else None
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
         if self.key_offset:
             k = offset_keys(k, prev_ok)
