@@ -14,6 +14,7 @@ SWITCHES = {
     "mlp_tile": ("speedrun.mlp", "KERNEL_CONFIG"),             # fused MLP (BLOCK_M, N, K, stages, warps, ws)
     "mlp_save_pre": ("speedrun.mlp", "SAVE_PRE"),              # fused MLP keeps pre, not post, for backward
     "prefetch_masks": ("speedrun.train", "PREFETCH_MASKS"),    # masks built before the previous backward
+    "compile_scope": ("speedrun.train", "COMPILE_SCOPE"),      # blocks | stack (one graph for all blocks)
     "freeze_gc": ("speedrun.train", "FREEZE_GC"),              # gc.freeze() after the warm-up
     "fp8_wgrad": ("speedrun.head", "FP8_WEIGHT_GRAD"),         # FP8 head's weight gradient: fp8 | bf16
     "head_cast_once": ("speedrun.head", "CAST_WEIGHT_ONCE"),   # FP8 head weight cast once per step

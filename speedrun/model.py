@@ -388,10 +388,15 @@ class GPT(nn.Module):
         # table lookups outside the compiled regions: their backward writes .grad itself (embedding.py)
         x0 = self.embed_inputs(self.embed(tokens), tokens)
         bigram = self.bigram(bigram_hash(tokens, self.cfg.bigram_vocab))[None] if self.bigram else None
-        x = x0
-        ve = self.value_embed_per_layer(tokens)
-        skips, backout = [], None
         prev_ok = tokens != EOT_ID if self.cfg.key_offset else None   # no key offset across documents
+        return self.run_blocks(x0, self.value_embed_per_layer(tokens), long_bm, short_bm, prev_ok, bigram)
+
+    def run_blocks(self, x0: Tensor, ve: list[Tensor | None], long_bm: BlockMask | Tensor,
+                   short_bm: BlockMask | Tensor, prev_ok: Tensor | None, bigram: Tensor | None) -> Tensor:
+        """The block stack, from x0 to the final normed states: one function, so that it can be
+        compiled as one graph (train.COMPILE_SCOPE) as well as block by block."""
+        x = x0
+        skips, backout = [], None
         half = self.cfg.n_layer // 2
         for i, block in enumerate(self.blocks):
             mask = long_bm if self.long_window[i] else short_bm

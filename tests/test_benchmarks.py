@@ -118,6 +118,10 @@ def test_schedule_rate_averages_step_times_not_rates():
            "peak_memory_gib": 18.7, "compile_warmup_s": 15, "recompiles_after_warmup": 0}
     line = table([row]).splitlines()[-1]
     assert "**490k**" in line and "| 510k |" in line
+    # a recipe_4090 row in the same call adds every row's ratio to it
+    base = {**row, "variant": "recipe_4090", "tokens_per_s_schedule_mean": 3.5e5}
+    lines = table([row, base]).splitlines()
+    assert lines[0].endswith("x recipe_4090 |") and lines[2].endswith(" 1.40 |") and lines[3].endswith(" 1.00 |")
 
 
 def test_turns_train_one_at_a_time_in_order_after_every_warm_up(tmp_path):

@@ -581,3 +581,39 @@ def test_warmup_forgets_what_it_learned_and_freezes_the_gc(tmp_path):
         assert all(q.grad is None for q in run.model.parameters())
     finally:
         gc.unfreeze()
+
+
+def test_stack_compile_is_the_same_model_in_one_graph(monkeypatch):
+    """COMPILE_SCOPE "stack" compiles the whole block stack as one graph (cross-block fusion):
+    the loss and every gradient must match the uncompiled model, and the blocks must not be
+    compiled one by one as well (one graph for the stack, one for the embedding prelude)."""
+    import copy
+
+    import torch._dynamo.utils as dyn_utils
+
+    from speedrun import train
+    from speedrun.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(train, "COMPILE_SCOPE", "stack")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, n_layer=4, model_dim=64, n_head=2, head_dim=32, value_embeds=1,
+                    no_attn_layer=2, max_seq_len=256, key_offset=True)
+    eager = GPT(cfg)
+    with torch.no_grad():   # zero-initialised projections would hide a wrong block order
+        for p in eager.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = copy.deepcopy(eager)
+    train.compile_regions(model)
+    before = dyn_utils.counters["stats"]["unique_graphs"]
+    toks = torch.randint(0, 500, (257,))
+    wb = torch.tensor(2, dtype=torch.int32)
+    ref = eager(toks[:-1], toks[1:], wb)
+    ref.backward()
+    got = model(toks[:-1], toks[1:], wb)
+    got.backward()
+    assert dyn_utils.counters["stats"]["unique_graphs"] - before == 2
+    assert torch.allclose(got, ref, atol=1e-5), (got, ref)
+    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        assert torch.allclose(q.grad, p.grad, atol=1e-5, rtol=1e-3), name
+    torch._dynamo.reset()
