@@ -74,6 +74,12 @@ VARIANTS = {
     "ve_gates_folded": {"ve_gates": True, "fold_gates": True},
     "attn_gate_folded": {"attn_gate": True, "fold_gates": True},
     "gates_folded": {"attn_gate": True, "ve_gates": True, "fold_gates": True},
+    # grouped-query attention (the public 4090 recipe uses one k/v head): k/v projections and
+    # value embeddings n_head / n_kv_head times narrower
+    "gqa3": {"n_kv_head": 3},
+    "gqa2": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1},
+    "stack_compile": {"compile_scope": "stack"},   # one compiled graph for all blocks: same numbers
     # the default again, later in the same call: the call's own noise, in loss and in seconds
     "default_again": {},
     "exact_tanh": {"fast_tanh": False},

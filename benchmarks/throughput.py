@@ -65,18 +65,27 @@ VARIANTS = {
     # all blocks as one compiled graph (train.COMPILE_SCOPE): cross-block fusion, same math
     "stack_compile": {"compile_scope": "stack"},
     "stack_fp8_attn": {"compile_scope": "stack", "fp8_attn": "on"},
+    # grouped-query attention: k/v projections (and value embeddings) n_head / n_kv_head times
+    # narrower. Predicted from the matmul work per token (11 attention layers x 4 768^2 units, 12
+    # MLPs x 8, head 65.5): gqa3 -5.4%, gqa2 -7.1%, mqa -8.9% of the matmul FLOPs, i.e. about
+    # +3%, +4% and +5% tok/s with matmuls ~55% of the step
+    "gqa3": {"n_kv_head": 3},
+    "gqa2": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1},
+    "stack_mqa": {"compile_scope": "stack", "n_kv_head": 1},
     # the public one-4090 recipe (Deveraux-Parker/nanoGPT_1GPU_SPEEDRUN, 0.92B tokens in ~115 min)
     # run through this trainer: same batch (16 x 32k), window ramp 256 -> 1792 and optimizers
-    # (Newton-Schulz Muon, no NorMuon), torchao float8 training on the MLP and an FP8 forward of
-    # the attention projections (it converts every block linear), bf16 embedding tables, a
-    # compiled (not fused) soft-capped head in bf16, attention gate, backout after block 8, no
-    # key offset. NOT reproduced: its multi-query attention (one k/v head) and its first block
-    # without attention or MLP, so this variant does ~16% MORE matmul work per token than the
-    # recipe: a ratio against it overstates our lead
-    "recipe_4090": {"fp8": "on", "fp8_attn": "on", "fp8_head": "off", "fused_ce": False, "fast_tanh": False,
-                    "fused_mlp": False, "fp8_mlp": "off", "embed_grad": "dense", "key_offset": False,
-                    "backout_layer": 8, "ve_gates": False, "attn_gate": True, "muon_normuon": False,
-                    "muon_coeffs": "newton-schulz"},
+    # (Newton-Schulz Muon, no NorMuon), multi-query attention (one k/v head), torchao float8
+    # training on the MLP and an FP8 forward of the attention projections (it converts every
+    # block linear), bf16 embedding tables, a compiled (not fused) soft-capped head in bf16,
+    # attention gate, backout after block 8, no key offset. NOT reproduced: its first block has
+    # neither attention nor MLP, so this variant does ~6% more matmul work per token than the
+    # recipe: a ratio against it overstates our lead by up to that. (r30 ran it with 6 k/v
+    # heads, ~16% more work than the recipe)
+    "recipe_4090": {"n_kv_head": 1, "fp8": "on", "fp8_attn": "on", "fp8_head": "off", "fused_ce": False,
+                    "fast_tanh": False, "fused_mlp": False, "fp8_mlp": "off", "embed_grad": "dense",
+                    "key_offset": False, "backout_layer": 8, "ve_gates": False, "attn_gate": True,
+                    "muon_normuon": False, "muon_coeffs": "newton-schulz"},
     "mtp": {"mtp_weights": [0.5, 0.25]},          # 3 targets per row in the fused CE kernel
     "bigram": {"bigram_vocab": 5 * 50304},        # hashed bigram embedding (5 x vocab rows)
     "bigram2x": {"bigram_vocab": 2 * 50304},

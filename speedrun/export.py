@@ -28,7 +28,7 @@ HF_CODE_DIR = Path(__file__).parent / "hf_model"
 CODE_FILES = ("configuration_speedrun_gpt.py", "modeling_speedrun_gpt.py")
 TEXT_VOCAB = 50257          # GPT-2's tokens; model rows above are padding (vocab rounded to x128)
 # GPTConfig fields the HF modeling code reproduces (max_seq_len is not needed there)
-MIRRORED_FIELDS = {"vocab_size", "n_layer", "model_dim", "n_head", "head_dim", "value_embeds",
+MIRRORED_FIELDS = {"vocab_size", "n_layer", "model_dim", "n_head", "head_dim", "n_kv_head", "value_embeds",
                    "no_attn_layer", "logit_cap", "attn_gate", "bigram_vocab", "key_offset",
                    "backout_layer", "ve_gates"}
 HUB_DATASETS = {"HuggingFaceFW/fineweb-edu", "HuggingFaceFW/fineweb"}

@@ -16,6 +16,7 @@ sliding window. The window is a device tensor, so growing it during training nev
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -67,6 +68,7 @@ class GPTConfig:
     model_dim: int = 768
     n_head: int = 6
     head_dim: int = 128
+    n_kv_head: int = 0         # key/value heads, each shared by n_head / n_kv_head query heads; 0 = n_head
     value_embeds: int = 3
     no_attn_layer: int = 7
     logit_cap: float = 30.0
@@ -88,6 +90,12 @@ class GPTConfig:
             raise ValueError("bigram_vocab must be 0 (off) or >= 2")
         if not -1 <= self.backout_layer < self.n_layer - 1:
             raise ValueError("backout_layer must be -1 (off) or a block before the last")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise ValueError("n_kv_head must be 0 (= n_head) or divide n_head")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
 
 def norm(x: Tensor) -> Tensor:
@@ -149,11 +157,18 @@ def _pad_to(n: int, multiple: int) -> int:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, key_offset: bool = False, ve_gate: bool = False):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         hdim = cfg.n_head * cfg.head_dim
         bound = math.sqrt(3) * 0.5 * cfg.model_dim ** -0.5
-        # q, k and v weights in one tensor: one matmul, and Muon orthogonalises each 2-D slice alike
-        self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim).uniform_(-bound, bound))
+        if self.n_kv == self.n_head:
+            # q, k and v weights in one tensor: one matmul, and Muon orthogonalises each 2-D slice alike
+            self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim).uniform_(-bound, bound))
+        else:
+            # grouped-query attention: fewer k/v heads, each read by n_head / n_kv query heads.
+            # Muon still orthogonalises q, k and v each on its own; one matmul computes all three
+            kv_dim = self.n_kv * cfg.head_dim
+            self.q_w = nn.Parameter(torch.empty(hdim, cfg.model_dim).uniform_(-bound, bound))
+            self.kv_w = nn.Parameter(torch.empty(2, kv_dim, cfg.model_dim).uniform_(-bound, bound))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len)
         self.c_proj = CastedLinear(hdim, cfg.model_dim, zero_init=True)
@@ -162,7 +177,7 @@ class CausalSelfAttention(nn.Module):
         self.gate = CastedLinear(ATTN_GATE_DIMS, cfg.n_head, zero_init=True) if cfg.attn_gate else None
         self.key_offset = key_offset
         # per-head gate on the value embedding, 2 * sigmoid(...): zero init = x1, the ungated model
-        self.ve_gate = CastedLinear(VE_GATE_DIMS, cfg.n_head, zero_init=True) if ve_gate else None
+        self.ve_gate = CastedLinear(VE_GATE_DIMS, self.n_kv, zero_init=True) if ve_gate else None
         self.fp8 = False   # e4m3 operands in the forward of the q/k/v and output projections (fp8.py)
 
     @staticmethod
@@ -173,22 +188,32 @@ class CausalSelfAttention(nn.Module):
         rows = torch.cat([F.pad(g.weight, (0, dim - g.in_features)) for g in gates])
         return F.pad(rows, (0, 0, 0, _pad_to(rows.size(0), FOLD_ROWS) - rows.size(0)))
 
+    def qkv_weight(self) -> Tensor:
+        """The q, k and v weights as one [(n_head + 2 n_kv) * head_dim, dim] matrix."""
+        if self.n_kv == self.n_head:
+            return self.qkv_w.flatten(end_dim=1)
+        return torch.cat([self.q_w, self.kv_w.flatten(end_dim=1)])
+
     def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask | Tensor,
                 prev_ok: Tensor | None = None) -> Tensor:
         B, T = x.size(0), x.size(1)
         fp8 = self.fp8 and torch.is_grad_enabled()   # training only, as the FP8 MLP and head
         linear = forward_fp8_linear if fp8 else F.linear
-        w = self.qkv_w.flatten(end_dim=1)
-        H, qkv_width = self.n_head, w.size(0)
+        w = self.qkv_weight()
+        H, D, qkv_width = self.n_head, self.head_dim, w.size(0)
         ve_gate = self.ve_gate if ve is not None else None
         gates = [g for g in (self.gate, ve_gate) if g is not None]   # this order in the folded rows
         fold = FOLD_GATES and bool(gates) and not fp8   # e4m3 rows would blur the gates' logits
         if fold:
             w = torch.cat([w, self._gate_rows(gates, w.size(1))])
         out = linear(x, w.type_as(x))
-        q, k, v = out[..., :qkv_width].view(B, T, 3 * H, self.head_dim).chunk(3, dim=-2)
-        logits = ([out[..., qkv_width + i * H:qkv_width + (i + 1) * H] for i in range(len(gates))] if fold
-                  else [g(x[..., :g.in_features]) for g in gates])
+        q, k, v = out[..., :qkv_width].split([H * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, self.n_kv, D), v.view(B, T, self.n_kv, D)
+        if fold:   # each gate's logits: the next out_features columns past q, k and v
+            ends = list(itertools.accumulate(g.out_features for g in gates))
+            logits = [out[..., qkv_width + e - g.out_features:qkv_width + e] for g, e in zip(gates, ends)]
+        else:
+            logits = [g(x[..., :g.in_features]) for g in gates]
         attn_logits = logits[0] if self.gate is not None else None
         ve_logits = logits[-1] if ve_gate is not None else None
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
@@ -201,11 +226,12 @@ class CausalSelfAttention(nn.Module):
                 ve = ve * (2 * torch.sigmoid(ve_logits))[..., None]
             v = v + self.lambdas[1] * ve
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = self.n_kv != H
         if isinstance(block_mask, BlockMask):
             y = _flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE,
-                                kernel_options=FLEX_KERNEL_OPTIONS)
+                                kernel_options=FLEX_KERNEL_OPTIONS, enable_gqa=gqa)
         else:  # dense bool mask of the same pattern: CPU (FlexAttention has no CPU backward)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE, enable_gqa=gqa)
         y = y.transpose(1, 2)
         if self.gate is not None:
             y = y * torch.sigmoid(attn_logits)[..., None]
@@ -340,7 +366,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.model_dim)
         self.value_embeds = nn.ModuleList(
-            Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
+            Embedding(cfg.vocab_size, cfg.kv_heads * cfg.head_dim) for _ in range(cfg.value_embeds))
         self.smear_gate = CastedLinear(SMEAR_GATE_DIMS, 1, zero_init=True)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         # long window on layers 0, 4 of each half (mirrored), half window elsewhere: most layers

@@ -47,6 +47,7 @@ class TrainParams:
     model_dim: int = param(768, ge=16)
     n_head: int = param(6, ge=1)
     head_dim: int = param(128, ge=8, check=lambda v: None if v % 4 == 0 else "must be a multiple of 4")
+    n_kv_head: int = param(0, ge=0)
     value_embeds: int = param(3, ge=0)
     no_attn_layer: int = param(7, ge=-1)
     logit_cap: float = param(30.0, gt=0)
@@ -102,6 +103,9 @@ class TrainParams:
                              f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
         if p.value_embeds > p.n_layer // 2:
             raise ParamError(f"params.yaml: train.value_embeds must be <= n_layer/2 ({p.n_layer // 2})")
+        if p.n_kv_head and p.n_head % p.n_kv_head:
+            raise ParamError(f"params.yaml: train.n_kv_head ({p.n_kv_head}) must divide train.n_head "
+                             f"({p.n_head}); 0 = one key/value head per query head")
         if p.backout_layer >= p.n_layer - 1:
             raise ParamError(f"params.yaml: train.backout_layer must be -1 (off) or a block before the "
                              f"last (0..{p.n_layer - 2}), got {p.backout_layer}")
@@ -138,7 +142,7 @@ RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "comp
 # resume, and a default that changes later can never pass for the old behaviour
 LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muon_weight_decay": 0.0,
                      "attn_gate": False, "bigram_vocab": 0, "batch_stages": [1.0], "batch_stage_lr": [1.0],
-                     "mtp_weights": [], "key_offset": False, "backout_layer": -1, "ve_gates": False}
+                     "mtp_weights": [], "n_kv_head": 0, "key_offset": False, "backout_layer": -1, "ve_gates": False}
 
 
 def effective(p: TrainParams) -> TrainParams:
@@ -159,7 +163,7 @@ def batch_schedule(p: TrainParams, world: int = 1) -> BatchSchedule:
 
 def model_config(p: TrainParams) -> GPTConfig:
     return GPTConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, model_dim=p.model_dim,
-                     n_head=p.n_head, head_dim=p.head_dim, value_embeds=p.value_embeds,
+                     n_head=p.n_head, head_dim=p.head_dim, n_kv_head=p.n_kv_head, value_embeds=p.value_embeds,
                      no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap, attn_gate=p.attn_gate,
                      bigram_vocab=p.bigram_vocab, key_offset=p.key_offset, backout_layer=p.backout_layer,
                      ve_gates=p.ve_gates, max_seq_len=p.micro_batch_tokens)

@@ -200,6 +200,9 @@ ARCH_SWITCHES = {
     "key_offset": ({"key_offset": True}, lambda m: setattr(m.blocks[0].attn, "key_offset", False)),
     "backout": ({"backout_layer": 0}, lambda m: m.backout_lambda.zero_()),
     "ve_gates": ({"ve_gates": True}, lambda m: m.blocks[1].attn.ve_gate.weight.zero_()),
+    # grouped-query attention (one k/v head for both query heads) with its narrower value
+    # embeddings and gates; undone by zeroing the value half of the shared k/v weight
+    "gqa": ({"n_kv_head": 1, "ve_gates": True}, lambda m: m.blocks[0].attn.kv_w[1].zero_()),
 }
 
 

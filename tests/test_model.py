@@ -195,3 +195,35 @@ def test_gates_folded_into_the_qkv_matmul_give_the_same_numbers(switches, monkey
     gates = [g for g in (attn.gate, attn.ve_gate) if g is not None]
     rows = attn._gate_rows(gates, 64)
     assert rows.shape == (model_mod.FOLD_ROWS, 64) and rows[:, 12:].abs().max() == 0
+
+
+def test_grouped_query_attention_is_attention_with_shared_key_value_heads():
+    """n_kv_head < n_head: query head h reads key/value head h // (n_head / n_kv_head). The same
+    model with every k/v head (and its value-embedding columns and gate) copied out to its query
+    heads as plain multi-head attention must give the same states, and fewer parameters learn."""
+    def build(n_kv):
+        torch.manual_seed(0)
+        return GPT(GPTConfig(n_layer=2, model_dim=64, n_head=4, head_dim=16, n_kv_head=n_kv, value_embeds=1,
+                             no_attn_layer=-1, max_seq_len=T, key_offset=True, ve_gates=True)).eval()
+
+    gqa, mha = build(2), build(0)
+    with torch.no_grad():
+        for p in gqa.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        shared = {n: p for n, p in gqa.state_dict().items() if n in mha.state_dict()
+                  and p.shape == mha.state_dict()[n].shape}
+        mha.load_state_dict(shared, strict=False)
+        for a, b in zip(gqa.blocks, mha.blocks):
+            k, v = a.attn.kv_w.view(2, 2, 16, 64).repeat_interleave(2, dim=1).view(2, 64, 64)
+            b.attn.qkv_w.copy_(torch.stack([a.attn.q_w, k, v]))
+            b.attn.ve_gate.weight.copy_(a.attn.ve_gate.weight.repeat_interleave(2, dim=0))
+        mha.value_embeds[0].weight.copy_(
+            gqa.value_embeds[0].weight.view(-1, 2, 16).repeat_interleave(2, dim=1).flatten(1))
+    assert gqa.blocks[0].attn.kv_w.shape == (2, 32, 64) and gqa.value_embeds[0].weight.shape[1] == 32
+    assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
+    tokens, wb = _tokens([0, 200, 300]), torch.tensor(2, dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa.hidden_states(tokens, wb), mha.hidden_states(tokens, wb),
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(n_head=6, n_kv_head=4).validate()

@@ -10,7 +10,7 @@ class SpeedrunGPTConfig(PretrainedConfig):
     def __init__(self, vocab_size=50304, n_layer=12, model_dim=768, n_head=6, head_dim=128,
                  value_embeds=3, no_attn_layer=7, logit_cap=30.0, attn_gate=False, attn_gate_dims=12,
                  bigram_vocab=0, bigram_mults=(36313, 27191), key_offset=False, backout_layer=-1,
-                 ve_gates=False, ve_gate_dims=12, window_blocks=14,
+                 ve_gates=False, ve_gate_dims=12, n_kv_head=0, window_blocks=14,
                  block_size=128, attn_scale=0.12, smear_gate_dims=12, eot_token_id=50256,
                  text_vocab_size=50257, initializer_range=0.02, use_cache=False, **kwargs):
         self.vocab_size = vocab_size            # rows of the embedding/head (50257 padded to x128)
@@ -18,6 +18,7 @@ class SpeedrunGPTConfig(PretrainedConfig):
         self.model_dim = model_dim
         self.n_head = n_head
         self.head_dim = head_dim
+        self.n_kv_head = n_kv_head              # key/value heads (grouped-query attention); 0 = n_head
         self.value_embeds = value_embeds        # value-embedding tables (first and last layers)
         self.no_attn_layer = no_attn_layer      # block without attention; -1: none
         self.logit_cap = logit_cap

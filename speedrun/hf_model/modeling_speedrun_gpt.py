@@ -111,20 +111,28 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: SpeedrunGPTConfig, key_offset: bool = False, ve_gate: bool = False):
         super().__init__()
         self.n_head, self.head_dim, self.scale = cfg.n_head, cfg.head_dim, cfg.attn_scale
+        self.n_kv = getattr(cfg, "n_kv_head", 0) or cfg.n_head
         hdim = cfg.n_head * cfg.head_dim
-        self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim))
+        if self.n_kv == self.n_head:
+            self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim))
+        else:  # grouped-query attention: n_kv key/value heads, each read by n_head / n_kv query heads
+            self.q_w = nn.Parameter(torch.empty(hdim, cfg.model_dim))
+            self.kv_w = nn.Parameter(torch.empty(2, self.n_kv * cfg.head_dim, cfg.model_dim))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
         self.c_proj = CastedLinear(hdim, cfg.model_dim)
         self.gate_dims = cfg.attn_gate_dims
         self.gate = CastedLinear(cfg.attn_gate_dims, cfg.n_head) if cfg.attn_gate else None
         self.key_offset, self.eot = key_offset, cfg.eot_token_id
         self.ve_gate_dims = getattr(cfg, "ve_gate_dims", 12)
-        self.ve_gate = CastedLinear(self.ve_gate_dims, cfg.n_head) if ve_gate else None
+        self.ve_gate = CastedLinear(self.ve_gate_dims, self.n_kv) if ve_gate else None
 
     def forward(self, x: Tensor, ve: Tensor | None, mask: Tensor, input_ids: Tensor) -> Tensor:
         B, T = x.size(0), x.size(1)
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
-        q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
+        w = (self.qkv_w.flatten(end_dim=1) if self.n_kv == self.n_head
+             else torch.cat([self.q_w, self.kv_w.flatten(end_dim=1)]))
+        H, D = self.n_head, self.head_dim
+        q, k, v = F.linear(x, w.type_as(x)).split([H * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, self.n_kv, D), v.view(B, T, self.n_kv, D)
         q, k = rotary(norm(q)), rotary(norm(k))
         if self.key_offset:
             k = offset_keys(k, input_ids, self.eot)
@@ -135,7 +143,8 @@ class CausalSelfAttention(nn.Module):
                 ve = ve * (2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_dims])))[..., None]
             v = v + self.lambdas[1] * ve
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.n_kv != H).transpose(1, 2)
         if self.gate is not None:  # per-head sigmoid gate read from the block input
             y = y * torch.sigmoid(self.gate(x[..., :self.gate_dims]))[..., None]
         return self.c_proj(y.contiguous().view(B, T, self.n_head * self.head_dim))
@@ -194,7 +203,8 @@ class SpeedrunGPTForCausalLM(SpeedrunGPTPreTrainedModel, GenerationMixin):
         cfg = config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.value_embeds = nn.ModuleList(
-            nn.Embedding(cfg.vocab_size, cfg.n_head * cfg.head_dim) for _ in range(cfg.value_embeds))
+            nn.Embedding(cfg.vocab_size, (getattr(cfg, "n_kv_head", 0) or cfg.n_head) * cfg.head_dim)
+            for _ in range(cfg.value_embeds))
         self.smear_gate = CastedLinear(cfg.smear_gate_dims, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         # long window on layers 0, 4, ... of each half (mirrored), half window elsewhere
