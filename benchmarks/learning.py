@@ -78,9 +78,11 @@ VARIANTS = {
     # value embeddings n_head / n_kv_head times narrower
     "gqa3": {"n_kv_head": 3},
     "gqa2": {"n_kv_head": 2},
-    "mqa": {"n_kv_head": 1},
-    # the default cut to mqa's seconds (r17: 40.2 s vs 44.6 s), schedule complete: equal seconds
-    "default_eqtime_mqa": {"steps_frac": 0.90},
+    "mqa": {"n_kv_head": 1},   # the default since r18
+    "mha": {"n_kv_head": 0},   # one k/v head per query head: the default up to r17
+    # mha cut to mqa's seconds (r17: 40.2 s vs 44.6 s), schedule complete: equal seconds (r18 ran
+    # it as "default_eqtime_mqa", when mha was the default)
+    "mha_eqtime_mqa": {"n_kv_head": 0, "steps_frac": 0.90},
     "stack_compile": {"compile_scope": "stack"},   # one compiled graph for all blocks: same numbers
     # the default again, later in the same call: the call's own noise, in loss and in seconds
     "default_again": {},

@@ -72,7 +72,10 @@ VARIANTS = {
     "gqa3": {"n_kv_head": 3},
     "gqa2": {"n_kv_head": 2},
     "mqa": {"n_kv_head": 1},
-    "stack_mqa": {"compile_scope": "stack", "n_kv_head": 1},
+    "stack_mqa": {"compile_scope": "stack", "n_kv_head": 1},   # the default since r32
+    "mha": {"n_kv_head": 0},
+    "blocks_compile": {"compile_scope": "blocks"},
+    "before_r33": {"n_kv_head": 0, "compile_scope": "blocks"},   # the default of r29-r32
     # the public one-4090 recipe (Deveraux-Parker/nanoGPT_1GPU_SPEEDRUN, 0.92B tokens in ~115 min)
     # run through this trainer: same batch (16 x 32k), window ramp 256 -> 1792 and optimizers
     # (Newton-Schulz Muon, no NorMuon), multi-query attention (one k/v head), torchao float8

@@ -176,7 +176,8 @@ soft-capped logits) trained with Muon + Adam on `{dataset}`.
 |---|---|
 {table}
 
-Architecture: {config.n_layer} layers, width {config.model_dim}, {config.n_head} heads of {config.head_dim},
+Architecture: {config.n_layer} layers, width {config.model_dim}, {config.n_head} heads of {config.head_dim}
+({config.n_kv_head or config.n_head} key/value heads),
 sliding-window attention of {config.window_blocks} x {config.block_size} tokens (half that on most layers).
 
 ## Usage

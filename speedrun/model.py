@@ -7,7 +7,9 @@ embedding x0 in every block, a smear gate, soft-capped logits and an untied head
 later records: a partial key offset, a backout of an early residual before the head, and per-head
 gates on the value embeddings (params.yaml turns on the key offset only; all three are off in
 GPTConfig's defaults, so that a checkpoint saved before they existed rebuilds the model it was
-trained as).
+trained as). Grouped-query attention (n_kv_head; params.yaml: one k/v head, as the public 4090
+recipe) shares each key/value head, and narrows the value embeddings, across n_head / n_kv_head
+query heads.
 
 Attention runs through FlexAttention over ONE flat sequence per micro-batch (batch size 1): the
 block mask keeps it causal, inside each document (documents start at token 50256) and inside a

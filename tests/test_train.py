@@ -510,7 +510,7 @@ def test_resume_after_crash_does_not_repeat_steps(tmp_path, shards, monkeypatch)
     assert steps == [1, 2], steps
 
 
-def test_compiled_blocks_never_fall_back_to_eager():
+def test_compiled_blocks_never_fall_back_to_eager(monkeypatch):
     """The 12 blocks of the real layout need more compiled graphs than dynamo's default limit of
     8 (value embedding or not, attention or not, skip or not, x is x0, grad mode). Past the limit
     dynamo silently ran blocks eagerly (a measured GPU slowdown); compile_regions raises the limit
@@ -520,6 +520,9 @@ def test_compiled_blocks_never_fall_back_to_eager():
     from speedrun.model import GPT, GPTConfig
     from speedrun.train import compile_regions
 
+    from speedrun import train
+
+    monkeypatch.setattr(train, "COMPILE_SCOPE", "blocks")   # block by block: many graphs of one code object
     torch._dynamo.reset()
     cfg = GPTConfig(vocab_size=512, n_layer=12, model_dim=64, n_head=2, head_dim=32, value_embeds=3,
                     no_attn_layer=7, max_seq_len=256)
