@@ -146,13 +146,12 @@ def progress(msg: str) -> None:
 
 def measure_variant(name: str, overrides: dict, steps_per_window: int, params_path: str) -> dict:
     import torch
-    import torch._dynamo.utils as dyn_utils
 
     from speedrun.metrics import measure_bf16_tflops
     from speedrun.model import flops_per_token, matmul_params
     from speedrun.params import load_section
     from speedrun.schedule import window_blocks
-    from speedrun.train import Paths, Run, TrainParams, effective
+    from speedrun.train import Paths, Run, TrainParams, compiled_graphs, effective
 
     base = load_section("train", TrainParams, params_path)
     p = dataclasses.replace(base, **apply_switches(overrides))
@@ -170,7 +169,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     progress(f"{name}: built in {time.perf_counter() - t0:.1f}s, compiling (warm-up)")
     warmup_s = run.warmup()
     progress(f"{name}: warm-up {warmup_s:.1f}s")
-    graphs = dyn_utils.counters["stats"]["unique_graphs"]
+    graphs = compiled_graphs()
     from speedrun.loader import BatchLoader
 
     loader = BatchLoader(run.train_stream, p.batch_tokens, p.micro_batch_tokens, 0, 1, device)
@@ -235,7 +234,7 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
         "mfu": round(fpt * mean_rate / (peak_tflops * 1e12), 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
         "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
-        "recompiles_after_warmup": int(dyn_utils.counters["stats"]["unique_graphs"] - graphs),
+        "recompiles_after_warmup": int(compiled_graphs() - graphs),
         "fp8": run.fp8,
         "fp8_mlp": run.fp8_mlp,
         "batch_tokens": p.batch_tokens,

@@ -263,8 +263,7 @@ COMPILE_SCOPE = "stack"
 def compile_regions(model: GPT) -> None:
     """Compile the block stack (COMPILE_SCOPE), the embedding prelude and the head/loss as
     regions of their own. The table lookups stay outside (their backward writes .grad itself), and
-    the fused head is a hand-written kernel. With "blocks" the 12 blocks share five distinct graphs;
-    the whole stack as one graph compiled faster still on torch 2.11 (65-68 s cold vs 78-81 s).
+    the fused head is a hand-written kernel.
     """
     # The blocks share one code object (Block.forward) but differ in what the guards see (value
     # embedding or not, attention or not, skip input or not, block 0's x is x0, grad mode for
