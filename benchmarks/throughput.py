@@ -31,6 +31,12 @@ from benchmarks.switches import apply_switches
 
 # name -> overrides of params.yaml's train section, or of a library switch (switches.SWITCHES)
 VARIANTS = {
+    # the default recipe (record #89's math, speedrun/record/): overrides of params.yaml's record section
+    "record": {"recipe": "record"},
+    "record_eighths": {"recipe": "record", "micro_batch_tokens": 0},   # the record's own micro-batches (memory!)
+    "record_bf16": {"recipe": "record", "fp8": "off"},
+    # the previous recipe (train.recipe: classic): overrides of params.yaml's train section
+    "classic": {},
     "default": {},
     "fp8": {"fp8": "on"},                         # torchao float8 on the MLP
     "fp8_mlp": {"fp8_mlp": "on"},                 # FP8 operands inside the fused MLP kernels
@@ -245,13 +251,94 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     return result
 
 
+def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> dict:
+    """Tokens/s of the record recipe per batch stage (its micro-batch counts and windows), their
+    mean weighted by each stage's share of the run's tokens, a validation pass (the record's
+    262,144-token chunks), peak memory, compile time and recompiles after the warm-up."""
+    import torch
+
+    from speedrun.metrics import measure_bf16_tflops
+    from speedrun.params import load_yaml, parse_section
+    from speedrun.record.model import flops_per_token
+    from speedrun.record.trainer import RecordParams, RecordRun
+    from speedrun.train import Paths, TrainParams, compiled_graphs
+
+    raw = load_yaml(params_path)
+    p = dataclasses.replace(parse_section(raw, "train", TrainParams), recipe="record")
+    r = dataclasses.replace(parse_section(raw, "record", RecordParams),
+                            **{k: v for k, v in overrides.items() if k != "recipe"})
+    settle = 2
+    tmp = Path(tempfile.mkdtemp())
+    batches = r.stage_batch_tokens
+    shards = synthetic_shards(tmp, int(1.2 * (settle + steps) * sum(batches)) + 10**6, 2 * r.val_chunk_tokens + 10)
+    p = dataclasses.replace(p, val_tokens=r.val_chunk_tokens)
+    run = RecordRun(p, r, Paths(shards, tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
+                    log=lambda msg, **_: progress(msg))
+    device = run.device
+    peak_tflops = measure_bf16_tflops(device)
+    t0 = time.perf_counter()
+    run._build()
+    warmup_s = run.warmup()
+    progress(f"{name}: warm-up {warmup_s:.1f}s")
+    graphs = compiled_graphs()
+    run.begin_steps(0)
+    result = {"variant": name, "recipe": "record", "overrides": overrides, "compile_warmup_s": round(warmup_s, 2)}
+    sched, rates, losses = run.sched, [], {}
+    for i, (start, end) in enumerate(sched.boundaries[:3]):
+        for k in range(settle):
+            run.step(start + k)
+        torch.cuda.synchronize(device)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        t = time.perf_counter()
+        for k in range(steps):
+            loss = run.step(start + settle + k)
+            marks[k + 1].record()
+        torch.cuda.synchronize(device)
+        dt = (time.perf_counter() - t) / steps
+        losses[f"stage{i + 1}"] = loss.item()
+        rate = sched.stages[i].batch_tokens / dt
+        rates.append(rate)
+        result[f"step_ms_each_stage{i + 1}"] = [round(a.elapsed_time(b), 1) for a, b in zip(marks, marks[1:])]
+        result[f"tokens_per_s_stage{i + 1}"] = round(rate, 1)
+        progress(f"{name}: stage {i + 1}: {dt * 1e3:.1f} ms/step, {rate / 1e3:.0f}k tok/s")
+    # the run's mean: every stage's tokens at its own rate (the extension runs at stage 3's)
+    tokens = [sched.stages[i].batch_tokens * (b - a) for i, (a, b) in enumerate(sched.boundaries)]
+    seconds = sum(n / rates[min(i, 2)] for i, n in enumerate(tokens))
+    mean_rate = sum(tokens) / seconds
+    t = time.perf_counter()
+    val = run.val_loss(0)
+    val_s = time.perf_counter() - t
+    windows = [sched.plan(s).long_window for s in range(0, sched.total, 10)]
+    fpt = flops_per_token(run.model, float(np.mean(windows)) / 2)
+    result.update({
+        "tokens_per_s_schedule_mean": round(mean_rate, 1),
+        "projected_train_s": round(seconds, 1),
+        "train_loss": {k: round(v, 4) for k, v in losses.items()},
+        "invalid": invalid_reason(losses) or (None if math.isfinite(val) else f"validation loss {val}"),
+        "val_chunk_tokens": r.val_chunk_tokens, "val_chunk_s": round(val_s, 2),
+        "flops_per_token": fpt,
+        "bf16_matmul_tflops_measured": round(peak_tflops, 1),
+        "mfu": round(fpt * mean_rate / (peak_tflops * 1e12), 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+        "recompiles_after_warmup": int(compiled_graphs() - graphs),
+        "fp8": run.fp8, "micro_batch_tokens": r.micro_batch_tokens,
+        "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+    })
+    # the table's columns for the classic recipe's three windows hold the three stages here
+    result.update({"tokens_per_s_start": rates[0], "tokens_per_s_middle": rates[1], "tokens_per_s_end": rates[2]})
+    return result
+
+
 BASELINE = "recipe_4090"   # a row of this name adds each row's ratio to it (same call only)
 
 
-def table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["variant"] == BASELINE and "error" not in r and not r.get("invalid")), None)
-    head = ("| variant | tok/s start | tok/s mid | tok/s end | schedule mean | from median steps | MFU "
-            "| peak GiB | compile s | recompiles |") + (f" x {BASELINE} |" if base else "")
+def table(rows: list[dict], baseline: str = BASELINE) -> str:
+    """Classic rows: the window schedule's start/middle/end; record rows: its stages 1/2/3."""
+    base = next((r for r in rows if r["variant"] == baseline and "error" not in r and not r.get("invalid")), None)
+    head = ("| variant | tok/s start (stage 1) | tok/s mid (stage 2) | tok/s end (stage 3) | schedule mean "
+            "| from median steps | MFU | peak GiB | compile s | recompiles |") + (f" x {baseline} |" if base else "")
     cols = 10 + (base is not None)
     lines = [head, "|" + "---|" * cols]
     for r in rows:
@@ -277,10 +364,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per window phase")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--baseline", default=BASELINE, help="variant the ratio column divides by")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one variant
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure_variant(args.one, VARIANTS[args.one], args.steps, args.params)))
+        measure = measure_record if VARIANTS[args.one].get("recipe") == "record" else measure_variant
+        print(json.dumps(measure(args.one, VARIANTS[args.one], args.steps, args.params)))
         return
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -302,7 +391,7 @@ def main() -> None:
             from speedrun.atomic import write_json
 
             write_json(args.out, {"benchmark": "throughput", "results": rows})
-    print(table(rows))
+    print(table(rows, args.baseline))
 
 
 if __name__ == "__main__":

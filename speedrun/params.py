@@ -89,7 +89,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
 def _check_range(key: str, value: Any, meta: dict) -> None:
     if value is None:
         return
-    items = value if isinstance(value, list) else [value]
+    def flat(v):
+        return [x for item in v for x in flat(item)] if isinstance(v, list) else [v]
+
+    items = flat(value)
     for v in items:
         if meta.get("choices") is not None and v not in meta["choices"]:
             raise ParamError(f"params.yaml: {key} must be one of {list(meta['choices'])} (got {v!r})")

@@ -39,6 +39,7 @@ from .shards import MANIFEST, load_manifest, shard_paths
 
 @dataclasses.dataclass
 class TrainParams:
+    recipe: str = param("record", choices=["record", "classic"])
     profile: str = param("gpu", choices=["gpu", "cpu-tiny"])
     nproc: int = param(1, ge=1, le=8)
     seed: int = param(1337, ge=0)
@@ -135,7 +136,7 @@ CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, 
                 warmup_steps=0)
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
-RUN_CONTROL_KEYS = {"nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
+RUN_CONTROL_KEYS = {"recipe", "nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
                     "fp8_head", "fused_ce", "fast_tanh", "fused_mlp", "fp8_mlp", "fp8_attn"}
 # recipe keys added after checkpoints existed, with the behaviour runs had before each key: a
 # key counts in the fingerprint only when it differs from that, so older checkpoints still
@@ -521,12 +522,8 @@ class Run:
         self._finite_or_raise(step, last_loss)
         if not self.master:
             return
-        state = {
-            "format": ckpt.FORMAT, "fingerprint": self.fingerprint, "step": step,
-            "config": dataclasses.asdict(self.cfg), "model": ckpt.model_state(self.model),
-            "adam": self.adam.state_dict(), "muon": self.muon.state_dict(),
-            "rng": ckpt.rng_state(), "progress": progress,
-        }
+        state = {"format": ckpt.FORMAT, "fingerprint": self.fingerprint, "step": step,
+                 **self.train_state(), "rng": ckpt.rng_state(), "progress": progress}
         ckpt.save(self.paths.latest, state)
 
     def try_resume(self) -> tuple[int, dict] | None:
@@ -537,11 +534,86 @@ class Run:
         if state.get("fingerprint") != self.fingerprint:
             self.log(f"checkpoint {path} belongs to another configuration or dataset: starting fresh")
             return None
+        self.load_train_state(state)
+        ckpt.set_rng_state(state["rng"])
+        return int(state["step"]), dict(state["progress"])
+
+    # -- what the loop asks of a recipe (the record's: speedrun/record/trainer.py) -------------
+    @property
+    def n_steps(self) -> int:
+        return self.p.steps
+
+    def begin_steps(self, start_step: int) -> None:
+        self._loader = BatchLoader(self.train_stream, self.schedule, self.p.micro_batch_tokens,
+                                   self.rank, self.world, self.device)
+
+    def step(self, step: int) -> torch.Tensor:
+        """Train one step; returns its loss as a device tensor (read a step later: no stall)."""
+        return self.train_step(step, self._loader.get(step), self.window_tensor(step))
+
+    def tokens_before(self, step: int) -> int:
+        return self.schedule.offset(step)
+
+    def total_tokens(self) -> int:
+        return self.schedule.total
+
+    def flops_per_token(self) -> float:
+        p = self.p
+        mean_window = (p.window_start + p.window_end) / 2 * (sum(
+            1.0 if lw else 0.5 for lw in self.model.long_window) / p.n_layer)
+        return flops_per_token(self.cfg, matmul_params(self.model), mean_window)
+
+    def describe(self, compile_s: float) -> str:
+        p = self.p
+        n_params = matmul_params(self.model)
+        return (f"model: {sum(q.numel() for q in self.model.parameters()) / 1e6:.1f}M parameters "
+                f"({n_params / 1e6:.1f}M in matmuls) | device {device_name(self.device)} x{self.world} "
+                f"| fp8 mlp {'torchao' if self.fp8 else 'fused kernels' if self.fp8_mlp else 'off'}, "
+                f"attn {'on' if self.fp8_attn else 'off'}, head {'on' if self.fp8_head else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
+
+    def oom_advice(self) -> str:
+        p = self.p
+        return (f"GPU out of memory on {device_name(self.device)}: lower train.micro_batch_tokens "
+                f"(now {p.micro_batch_tokens}; batch_tokens stays, more accumulation steps) or set "
+                f"train.fp8=auto/on")
+
+    def step_report(self, step: int) -> tuple[int, float, int]:
+        """(tokens of this step, lr multiplier, attention window in tokens) for the step log."""
+        p = self.p
+        lr = self.optimizers[1].param_groups[0]["lr"] / self.optimizers[1].param_groups[0]["base_lr"]
+        wb = window_blocks(step, p.steps, p.window_start, p.window_end) * BLOCK_SIZE
+        return self.schedule.tokens(step), lr, wb
+
+    def val_loss(self, step: int) -> float:
+        p = self.p
+        wb = torch.tensor(window_blocks(step, p.steps, p.window_start, p.window_end),
+                          dtype=torch.int32, device=self.device)
+        self._window.copy_(wb)
+        return evaluate_loss(self.fwd, self.val_stream, p.val_tokens, p.micro_batch_tokens,
+                             self._window, self.device, self.rank, self.world)
+
+    def train_state(self) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "model": ckpt.model_state(self.model),
+                "adam": self.adam.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_train_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.adam.load_state_dict(state["adam"])
         self.muon.load_state_dict(state["muon"])
-        ckpt.set_rng_state(state["rng"])
-        return int(state["step"]), dict(state["progress"])
+
+    def final_state(self, final_val: float | None) -> dict:
+        p = self.p
+        return ckpt.final_model_state(self.model, {
+            "step": p.steps, "val_loss": final_val, "window_blocks": window_blocks(
+                p.steps, p.steps, p.window_start, p.window_end),
+            "val_tokens": p.val_tokens, "micro_batch_tokens": p.micro_batch_tokens,
+            "fingerprint": self.fingerprint})
+
+    def run_flags(self) -> dict:
+        p = self.p
+        return {"fp8": self.fp8, "fp8_head": self.fp8_head, "fused_ce": p.fused_ce,
+                "fused_mlp": self.fused_mlp, "fp8_mlp": self.fp8_mlp, "fp8_attn": self.fp8_attn,
+                "fast_tanh": p.fast_tanh}
 
     # -- main -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -575,26 +647,19 @@ class Run:
                                    "train_time_s": hit["train_time_s"]} if hit else None)
 
         live = self._open_live(resumed=resumed is not None)
-        loader = BatchLoader(self.train_stream, self.schedule, p.micro_batch_tokens,
-                             self.rank, self.world, self.device)
+        self.begin_steps(start_step)
         clock = Stopwatch(progress["train_time_s"], sync=self._sync)
         stop = StopRequest()
-        n_params = matmul_params(self.model)
-        mean_window = (p.window_start + p.window_end) / 2 * (sum(
-            1.0 if lw else 0.5 for lw in self.model.long_window) / p.n_layer)
-        flops_tok = flops_per_token(self.cfg, n_params, mean_window)
-        self.log(f"model: {sum(q.numel() for q in self.model.parameters()) / 1e6:.1f}M parameters "
-                 f"({n_params / 1e6:.1f}M in matmuls) | device {device_name(self.device)} x{self.world} "
-                 f"| fp8 mlp {'torchao' if self.fp8 else 'fused kernels' if self.fp8_mlp else 'off'}, "
-                 f"attn {'on' if self.fp8_attn else 'off'}, head {'on' if self.fp8_head else 'off'} | compile {p.compile} ({compile_s:.1f}s warm-up)")
-        self._last_report = None
+        flops_tok = self.flops_per_token()
+        self.log(self.describe(compile_s))
+        self._last_report, self._rate = None, None
         pending = None           # (step, loss tensor), logged one step late: no stall
         last_loss = None
         interval = (start_step, clock.peek())   # (step, training seconds) at the last validation
         try:
             clock.start()
-            for step in range(start_step, p.steps + 1):
-                last = step == p.steps
+            for step in range(start_step, self.n_steps + 1):
+                last = step == self.n_steps
                 if pending is not None:
                     last_loss = self._report(pending, clock, live)
                     pending = None
@@ -605,7 +670,7 @@ class Run:
                     # peak tokens/s over a whole validation interval (steady, includes no val time)
                     s0, c0 = interval
                     if step > s0 and clock.total > c0:
-                        rate = (self.schedule.offset(step) - self.schedule.offset(s0)) / (clock.total - c0)
+                        rate = (self.tokens_before(step) - self.tokens_before(s0)) / (clock.total - c0)
                         progress["peak_tokens_per_s"] = max(progress["peak_tokens_per_s"], rate)
                     self._validate(step, progress, clock, live)
                     interval = (step, clock.total)
@@ -626,15 +691,10 @@ class Run:
                     clock.start()
                 if last:
                     break
-                window = self.window_tensor(step)
-                loss = self.train_step(step, loader.get(step), window)
-                pending = (step, loss)
+                pending = (step, self.step(step))
             clock.stop()
         except torch.cuda.OutOfMemoryError:
-            raise SpeedrunError(
-                f"GPU out of memory on {device_name(self.device)}: lower train.micro_batch_tokens "
-                f"(now {p.micro_batch_tokens}; batch_tokens stays, more accumulation steps) or set "
-                f"train.fp8=auto/on") from None
+            raise SpeedrunError(self.oom_advice()) from None
         finally:
             stop.restore()
         progress["train_time_s"] = clock.total
@@ -666,12 +726,13 @@ class Run:
         self._last_report = now
         done = step + 1
         elapsed = clock.peek()
-        tok_s = self.schedule.tokens(step) / dt if dt else float("nan")
-        eta = (p.steps - done) * dt if dt else float("nan")
-        lr = self.optimizers[1].param_groups[0]["lr"] / self.optimizers[1].param_groups[0]["base_lr"]
-        tokens = self.schedule.offset(done)
-        wb = window_blocks(step, p.steps, p.window_start, p.window_end) * BLOCK_SIZE
-        self.log(f"step {done:5d}/{p.steps} | loss {loss:.4f} | "
+        step_tokens, lr, wb = self.step_report(step)
+        tok_s = step_tokens / dt if dt else float("nan")
+        if dt:   # the ETA follows a smoothed rate over the tokens left: one slow step cannot swing it
+            self._rate = tok_s if self._rate is None else 0.9 * self._rate + 0.1 * tok_s
+        tokens = self.tokens_before(done)
+        eta = (self.total_tokens() - tokens) / self._rate if dt else float("nan")
+        self.log(f"step {done:5d}/{self.n_steps} | loss {loss:.4f} | "
                  f"{(dt or 0) * 1e3:7.1f} ms | {fmt_rate(tok_s) if dt else '   -  '} tok/s | "
                  f"window {wb:4d} | lr x{lr:.3f} | train {fmt_duration(elapsed)} | "
                  f"ETA {fmt_duration(eta) if dt else '-'}", flush=True)
@@ -688,14 +749,10 @@ class Run:
     def _validate(self, step: int, progress: dict, clock: Stopwatch, live):
         p = self.p
         t = time.perf_counter()
-        wb = torch.tensor(window_blocks(step, p.steps, p.window_start, p.window_end),
-                          dtype=torch.int32, device=self.device)
-        self._window.copy_(wb)
-        val = evaluate_loss(self.fwd, self.val_stream, p.val_tokens, p.micro_batch_tokens,
-                            self._window, self.device, self.rank, self.world)
+        val = self.val_loss(step)
         took = time.perf_counter() - t
         progress["val_time_s"] += took
-        tokens = self.schedule.offset(step)
+        tokens = self.tokens_before(step)
         entry = {"step": step, "tokens": tokens, "train_time_s": round(clock.total, 3),
                  "val_loss": round(val, 5)}
         progress["val_history"].append(entry)
@@ -703,7 +760,7 @@ class Run:
         if progress["target"] is None and val <= p.target_val_loss:
             progress["target"] = {"step": step, "tokens": tokens, "train_time_s": clock.total}
             hit = f"  <- target {p.target_val_loss} reached"
-        self.log(f"step {step:5d}/{p.steps} | val_loss {val:.4f} | train_time {clock.total:.1f}s | "
+        self.log(f"step {step:5d}/{self.n_steps} | val_loss {val:.4f} | train_time {clock.total:.1f}s | "
                  f"tokens {tokens:,} | val took {took:.1f}s{hit}", flush=True)
         if live is not None:
             live.step = step
@@ -726,7 +783,7 @@ class Run:
 
     def _finish(self, progress, wall0, compile_s, recompiles, peak_tflops, flops_tok) -> dict:
         p = self.p
-        tokens = self.schedule.total
+        tokens = self.total_tokens()
         train_s = progress["train_time_s"]
         tok_s = tokens / train_s if train_s > 0 else 0.0
         mem_alloc, mem_reserved = peak_memory_gib(self.device)
@@ -741,7 +798,7 @@ class Run:
             "tokens_to_target": target["tokens"] if target else None,
             "step_to_target": target["step"] if target else None,
             "final_val_loss": final_val,
-            "steps": p.steps,
+            "steps": self.n_steps,
             "tokens": tokens,
             "train_time_s": round(train_s, 3),
             "compile_time_s": round(sum(progress["compile_time_s"]), 3),
@@ -758,13 +815,8 @@ class Run:
             "gpu": device_name(self.device),
             "world_size": self.world,
             "profile": p.profile,
-            "fp8": self.fp8,
-            "fp8_head": self.fp8_head,
-            "fused_ce": p.fused_ce,
-            "fused_mlp": self.fused_mlp,
-            "fp8_mlp": self.fp8_mlp,
-            "fp8_attn": self.fp8_attn,
-            "fast_tanh": p.fast_tanh,
+            "recipe": p.recipe,
+            **self.run_flags(),
             "compile": p.compile,
             "recompiles_after_warmup": int(recompiles),
             "resumed_at_steps": progress["resumed_at"],
@@ -776,12 +828,7 @@ class Run:
             from .atomic import write_json
 
             write_json(self.paths.metrics, metrics)
-            final = ckpt.final_model_state(self.model, {
-                "step": p.steps, "val_loss": final_val, "window_blocks": window_blocks(
-                    p.steps, p.steps, p.window_start, p.window_end),
-                "val_tokens": p.val_tokens, "micro_batch_tokens": p.micro_batch_tokens,
-                "fingerprint": self.fingerprint})
-            ckpt.save(self.paths.final, final)
+            ckpt.save(self.paths.final, self.final_state(final_val))
             verdict = (f"reached {p.target_val_loss} in {metrics['time_to_target_s']:.1f}s of training "
                        f"({metrics['tokens_to_target']:,} tokens)" if target else
                        f"did NOT reach {p.target_val_loss} (final val_loss {final_val})")

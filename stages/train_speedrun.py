@@ -1,6 +1,8 @@
-"""DVC stage train_speedrun: params.yaml[train] + data/shards -> models/, metrics/train.json.
+"""DVC stage train_speedrun: params.yaml[train, record] + data/shards -> models/, metrics/train.json.
 
-Runs unchanged under `torchrun --standalone --nproc_per_node=N -m stages.train_speedrun`.
+`train.recipe` picks the recipe: `record` (the default: record #89's math, speedrun/record/) or
+`classic` (the previous recipe, speedrun/model.py). Runs unchanged under
+`torchrun --standalone --nproc_per_node=N -m stages.train_speedrun`.
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from speedrun.errors import stage_main
-from speedrun.params import load_section
+from speedrun.params import load_yaml, parse_section
 from speedrun.train import Paths, Run, TrainParams
 
 
@@ -20,11 +22,17 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--metrics", default="metrics")
     args = ap.parse_args(argv)
-    params = load_section("train", TrainParams, args.params)
+    raw = load_yaml(args.params)
+    params = parse_section(raw, "train", TrainParams)
     models, metrics = Path(args.models), Path(args.metrics)
-    Run(params, Paths(shards=Path(args.shards), checkpoints=models / "checkpoints",
-                      final=models / "final.pt", metrics=metrics / "train.json",
-                      live=metrics / "dvclive")).run()
+    paths = Paths(shards=Path(args.shards), checkpoints=models / "checkpoints", final=models / "final.pt",
+                  metrics=metrics / "train.json", live=metrics / "dvclive")
+    if params.recipe == "record":
+        from speedrun.record.trainer import RecordParams, RecordRun
+
+        RecordRun(params, parse_section(raw, "record", RecordParams), paths).run()
+    else:
+        Run(params, paths).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,297 @@
+"""Head and loss of record #89.
+
+Logits are rescaled, not soft-capped: z = 23 * sigmoid((u + 5) / 7.5) for the raw logit u, so
+every z lies in (0, 23).
+
+Training objective per position t (the record's fused kernel):
+
+    sum_k w_k * CE(z_t, target[t + k])  +  w_p * CE(z_t, prefix(target[t]))
+
+with k = 0, 1, 2 (multi-token prediction; targets past the micro-batch's end are dropped,
+document borders are not) and prefix(T) the longest proper prefix of token T's bytes that is a
+token itself (-1: none; the term drops). The weights follow the schedule (schedule.py). The
+sigmoid is rounded to bf16 before it is scaled, as the record's kernel keeps it in bf16 shared
+memory; the gradient's normaliser term uses the sum of all MTP weights (also for the last rows,
+whose later targets fall off the micro-batch), as the record's kernel does.
+
+FP8 (training on a GPU, the record's static scales): x / (100/448) and W / (1.6/448) in e4m3,
+one fp8 matmul to bf16 logits; the logit gradient is written by the loss kernel in e5m2 with the
+scale grad_scale * 0.75/448, and both backward matmuls are fp8 too (the weight gradient in
+fp32). The gradient is computed in the forward pass, so the objective must be
+`losses.sum() * grad_scale` with the `grad_scale` given here (the record's 1/8 per micro-batch).
+
+Validation: bf16 logits, the same rescale, plain next-token cross-entropy, rows in chunks so a
+262,144-token evaluation micro-batch never holds its whole logit matrix.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # CPU-only installs use the PyTorch path
+    triton = None
+
+A, B, C = 23.0, 5.0, 7.5          # z = A * sigmoid((u + B) / C)
+X_SCALE = 100 / 448               # static FP8 scales of the head's input, weight and gradient
+W_SCALE = 1.6 / 448
+GRAD_SCALE = 0.75 / 448
+EVAL_ROWS = 8192                  # rows of logits per chunk when evaluating
+
+
+@functools.lru_cache(maxsize=4)
+def prefix_table(vocab_size: int) -> Tensor:
+    """int64 [vocab_size]: each token's longest proper byte prefix that is a token, else -1.
+
+    Built from the GPT-2 vocabulary alone: sorted byte strings put every prefix before its
+    extensions, so a stack of the current token's ancestors gives the longest one."""
+    from ..tokenizer import get_encoding
+
+    ranks = get_encoding()._mergeable_ranks
+    table = [-1] * vocab_size
+    stack: list[bytes] = []
+    ids: list[int] = []
+    for b, tid in sorted(ranks.items()):
+        while stack and not b.startswith(stack[-1]):
+            stack.pop()
+            ids.pop()
+        if ids:
+            table[tid] = ids[-1]
+        stack.append(b)
+        ids.append(tid)
+    return torch.tensor(table, dtype=torch.int64)
+
+
+def rescale(u: Tensor) -> Tensor:
+    """The logit rescale, written as the record's validation writes it."""
+    return A * torch.sigmoid((u + B) / C)
+
+
+# ----------------------------------------------------------------------------- reference math
+
+def _sigmoid_bf16(u: Tensor) -> tuple[Tensor, Tensor]:
+    """(sigmoid fp32, sigmoid rounded to bf16 then fp32) of (u / C + B / C)."""
+    inv_c = 1.0 / C
+    s = torch.sigmoid(u.float() * inv_c + B * inv_c)
+    return s, s.to(torch.bfloat16).float()
+
+
+def loss_and_logit_grad(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets: Tensor,
+                        prefix_weight: Tensor, grad_mul: float | None) -> tuple[Tensor, Tensor | None]:
+    """PyTorch version of the training kernel (CPU, and the kernel's reference in tests).
+
+    u [N, V] logits; targets [N]; mtp_weights [K]; prefix_targets [N] (-1: none); prefix_weight
+    [1]. Returns per-row losses [N] fp32 and, unless grad_mul is None, d(loss)/du * grad_mul
+    (fp32 [N, V]) where grad_mul = grad_scale (times 1/gradient-scale for FP8). In place where it
+    can be: a [tokens, 50304] pass costs tens of milliseconds on a CPU."""
+    N, V = u.shape
+    inv_c = 1.0 / C
+    z = u.float().mul_(inv_c).add_(B * inv_c).sigmoid_()       # sigmoid, fp32
+    m = z.amax(dim=1, keepdim=True).mul_(A)                     # the max comes from the unrounded sigmoid
+    sb = z.to(torch.bfloat16)                                   # ... the rest from its bf16 rounding
+    z.copy_(sb).mul_(A)
+    p = z.sub(m).exp_()
+    lse = m[:, 0] + p.sum(dim=1).log_()
+    losses = torch.zeros(N, dtype=torch.float32, device=u.device)
+    targets_k, weights_k = [], []
+    for k in range(mtp_weights.numel()):
+        tgt = torch.full((N,), -1, dtype=torch.long, device=u.device)
+        tgt[:N - k] = targets[k:]
+        ok = (tgt >= 0) & (tgt < V)
+        w = torch.where(ok, mtp_weights[k].float(), 0.0)
+        losses += w * (lse - z.gather(1, tgt.clamp(0, V - 1)[:, None])[:, 0])
+        targets_k.append(tgt.clamp(0, V - 1))
+        weights_k.append(w)
+    pok = (prefix_targets >= 0) & (prefix_targets < V)
+    pw = torch.where(pok, prefix_weight.float().reshape(()), 0.0)
+    losses += pw * (lse - z.gather(1, prefix_targets.clamp(0, V - 1)[:, None])[:, 0])
+    if grad_mul is None:
+        return losses, None
+    s_w = mtp_weights.float().sum() + pw
+    g = p.mul_((s_w * torch.exp(m[:, 0] - lse))[:, None])        # s_w * softmax
+    for tgt, w in zip(targets_k + [prefix_targets.clamp(0, V - 1)], weights_k + [pw]):
+        g.scatter_add_(1, tgt[:, None], -w[:, None])
+    sf = sb.float()
+    return losses, g.mul_(grad_mul * (A / C)).mul_(sf).mul_(sf.neg_().add_(1.0))
+
+
+# ----------------------------------------------------------------------------- GPU kernel
+
+if triton is not None:
+    @triton.jit
+    def _sigmoid(x, FAST: tl.constexpr):
+        if FAST:   # 0.5 + 0.5 tanh(x / 2) with the tanh.approx instruction, as the record's kernel
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x * 0.5],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            return 0.5 + t * 0.5
+        else:
+            return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _round_bf16(x):
+        """x rounded to the nearest bf16 (ties to even), as fp32: integer ops, so the result is
+        the same in Triton's interpreter (whose bf16 casts do not round to nearest) and on GPUs."""
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rescale(u, inv_c, b_div_c, FAST: tl.constexpr):
+        s = _sigmoid(u * inv_c + b_div_c, FAST)
+        return s, _round_bf16(s)
+
+    @triton.jit
+    def _loss_kernel(logits_ptr, grad_ptr, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, loss_ptr,
+                     N, V, inv_c, b_div_c, a, coef, N_PRED: tl.constexpr, WITH_GRAD: tl.constexpr,
+                     FAST: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program: max, sum of exp, the loss terms, then the logit gradient
+        (scaled by `coef` and stored in grad_ptr's dtype: e5m2 or bf16)."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * V
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < V
+            s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c, FAST)
+            m = tl.maximum(m, tl.where(ok, a * s, float("-inf")))
+        mx = tl.max(m, axis=0)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < V
+            s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c, FAST)
+            acc += tl.where(ok, tl.exp(a * sb - mx), 0.0)
+        lse = mx + tl.log(tl.sum(acc, axis=0))
+        loss = 0.0
+        s_w = 0.0
+        for k in tl.static_range(N_PRED):
+            w = tl.load(mtp_ptr + k)
+            s_w += w
+            ok_k = row + k < N
+            tgt = tl.load(targets_ptr + row + k, mask=ok_k, other=-1)
+            ok_k = ok_k & (tgt >= 0) & (tgt < V)
+            ut = tl.load(base + tl.where(ok_k, tgt, 0)).to(tl.float32)
+            st, sbt = _rescale(ut, inv_c, b_div_c, FAST)
+            loss += tl.where(ok_k, w * (lse - a * sbt), 0.0)
+        pt = tl.load(prefix_ptr + row)
+        pok = (pt >= 0) & (pt < V)
+        pw = tl.load(prefix_w_ptr)
+        up = tl.load(base + tl.where(pok, pt, 0)).to(tl.float32)
+        sp, sbp = _rescale(up, inv_c, b_div_c, FAST)
+        loss += tl.where(pok, pw * (lse - a * sbp), 0.0)
+        s_w += tl.where(pok, pw, 0.0)
+        tl.store(loss_ptr + row, loss)
+        if WITH_GRAD:
+            gbase = grad_ptr + row * V
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = cols < V
+                s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c, FAST)
+                p = tl.exp(a * sb - lse)
+                hit = tl.where(pok & (cols == pt), pw, 0.0)
+                for k in tl.static_range(N_PRED):
+                    ok_k = row + k < N
+                    tgt = tl.load(targets_ptr + row + k, mask=ok_k, other=-1)
+                    hit += tl.where(ok_k & (cols == tgt), tl.load(mtp_ptr + k), 0.0)
+                g = coef * (s_w * p - hit) * sb * (1.0 - sb)
+                tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+def kernel_available(x: Tensor) -> bool:
+    import os
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _run_kernel(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets: Tensor,
+                prefix_weight: Tensor, grad: Tensor | None, coef: float, fast: bool) -> Tensor:
+    N, V = u.shape
+    losses = torch.empty(N, dtype=torch.float32, device=u.device)
+    inv_c = 1.0 / C
+    _loss_kernel[(N,)](u, u if grad is None else grad, targets, mtp_weights, prefix_targets,
+                       prefix_weight, losses, N, V, inv_c, B * inv_c, A, coef,
+                       N_PRED=mtp_weights.numel(), WITH_GRAD=grad is not None, FAST=fast,
+                       BLOCK=2048, num_warps=8)
+    return losses
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _col_major(t: Tensor) -> Tensor:
+    return t.t().contiguous().t()
+
+
+def _scalar(v: float, like: Tensor) -> Tensor:
+    return torch.full((), v, dtype=torch.float32, device=like.device)
+
+
+class _TrainLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, mtp_weights, prefix_targets, prefix_weight, grad_scale, fp8, fast):
+        # x [N, D] bf16; weight [D, V] bf16 (the head stores W transposed); returns losses [N]
+        use_kernel = kernel_available(x)
+        if fp8:
+            x_f8 = (x.float() / X_SCALE).to(torch.float8_e4m3fn)
+            w_f8 = (weight.float() / W_SCALE).to(torch.float8_e4m3fn)
+            u = torch._scaled_mm(x_f8, _col_major(w_f8), scale_a=_scalar(X_SCALE, x),
+                                 scale_b=_scalar(W_SCALE, x), out_dtype=torch.bfloat16, use_fast_accum=True)
+            g_scale = grad_scale * GRAD_SCALE
+            coef = grad_scale * (1.0 / C * A) * (1.0 / g_scale)
+        else:
+            u = x @ weight
+            g_scale, coef = None, grad_scale * (1.0 / C * A)
+        if use_kernel:
+            grad = torch.empty(u.shape, device=u.device,
+                               dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
+            losses = _run_kernel(u, targets, mtp_weights, prefix_targets, prefix_weight, grad, coef, fast)
+        else:
+            losses, g = loss_and_logit_grad(u, targets, mtp_weights, prefix_targets, prefix_weight,
+                                            grad_scale if not fp8 else grad_scale / g_scale)
+            grad = g.to(torch.float8_e5m2 if fp8 else torch.bfloat16)
+        if fp8:
+            ctx.save_for_backward(x_f8, w_f8, grad)
+        else:
+            ctx.save_for_backward(x, weight, grad)
+        ctx.fp8, ctx.g_scale = fp8, g_scale
+        return losses
+
+    @staticmethod
+    def backward(ctx, _grad_losses):
+        # the logit gradient was made in forward for the objective losses.sum() * grad_scale
+        if ctx.fp8:
+            x_f8, w_f8, g8 = ctx.saved_tensors
+            gs = _scalar(ctx.g_scale, g8)
+            grad_x = torch._scaled_mm(g8, w_f8.t(), scale_a=gs, scale_b=_scalar(W_SCALE, g8),
+                                      out_dtype=torch.bfloat16)
+            grad_w = torch._scaled_mm(x_f8.t().contiguous(), g8.t().contiguous().t(),
+                                      scale_a=_scalar(X_SCALE, g8), scale_b=gs, out_dtype=torch.float32)
+        else:
+            x, weight, g = ctx.saved_tensors
+            grad_x, grad_w = g @ weight.t(), (x.t() @ g).float()
+        return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+def train_losses(x: Tensor, weight: Tensor, targets: Tensor, mtp_weights: Tensor,
+                 prefix_targets: Tensor, prefix_weight: Tensor, grad_scale: float,
+                 fp8: bool, fast: bool = True) -> Tensor:
+    """Per-position training losses [N] (see the module docstring). x [N, D]; weight [D, V]."""
+    return _TrainLoss.apply(x.contiguous(), weight, targets.contiguous(), mtp_weights.float().contiguous(),
+                            prefix_targets.contiguous(), prefix_weight.float().reshape(1).contiguous(),
+                            float(grad_scale), bool(fp8), bool(fast) and x.is_cuda)
+
+
+if triton is not None:   # a hand-written kernel: a surrounding torch.compile leaves it alone
+    train_losses = torch.compiler.disable(train_losses)
+
+
+def eval_losses(x: Tensor, weight: Tensor, targets: Tensor, rows: int = EVAL_ROWS) -> Tensor:
+    """Per-position next-token cross-entropy [N] of the bf16 head, in chunks of `rows` rows."""
+    out = []
+    for i in range(0, x.size(0), rows):
+        z = rescale(x[i:i + rows] @ weight).float()
+        out.append(F.cross_entropy(z, targets[i:i + rows], reduction="none"))
+    return torch.cat(out)
