@@ -53,15 +53,27 @@ def evaluate_loss(model, stream: TokenStream, n_tokens: int, micro_tokens: int,
 
 @dataclasses.dataclass
 class EvaluateParams:
-    val_tokens: int = param(10485760, ge=BLOCK_SIZE)
-    micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
+    val_tokens: int = param(0, ge=0)                 # 0: the run's own (what its last validation used)
+    micro_batch_tokens: int = param(0, ge=0, check=multiple_of(BLOCK_SIZE))   # 0: the run's own
     device: str = param("auto", choices=["auto", "cpu", "cuda"])
     compile: bool = param(True)
 
-    def validate(self) -> None:
-        if self.val_tokens % self.micro_batch_tokens:
+    def validate(self) -> None:   # against the run's sizes once its checkpoint is read (resolve)
+        if self.val_tokens and self.micro_batch_tokens and self.val_tokens % self.micro_batch_tokens:
             raise ParamError(f"params.yaml: evaluate.val_tokens ({self.val_tokens}) must be a multiple "
                              f"of evaluate.micro_batch_tokens ({self.micro_batch_tokens})")
+
+    def resolve(self, state: dict) -> "EvaluateParams":
+        """0 = the run's own value (the checkpoint's validation tokens and micro-batch)."""
+        micro = self.micro_batch_tokens or int(state.get("val_chunk_tokens") or state.get("micro_batch_tokens") or 0)
+        val = self.val_tokens or int(state.get("val_tokens") or 0)
+        if not micro or not val:
+            raise ParamError("params.yaml: this checkpoint does not record its validation size: set "
+                             "evaluate.val_tokens and evaluate.micro_batch_tokens")
+        if val % micro:
+            raise ParamError(f"params.yaml: evaluate.val_tokens ({val:,}) must be a multiple of the "
+                             f"evaluation micro-batch ({micro:,})")
+        return dataclasses.replace(self, val_tokens=val, micro_batch_tokens=micro)
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,27 +119,45 @@ def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None,
     from .train import compile_regions
 
     state = ckpt.load(final)
+    p = p.resolve(state)
     device = pick_device(p.device)
-    # rotary tables are sized to the trainer's micro-batch; they are not weights, so a longer
-    # evaluation micro-batch only needs a longer table (same values for the shared positions)
-    state = dict(state, config={**state["config"], "max_seq_len": max(
-        int(state["config"].get("max_seq_len", 0)), p.micro_batch_tokens)})
-    model = ckpt.model_from_checkpoint(state, device, str(final)).eval()
-    if device.type == "cuda" and p.compile:
-        compile_regions(model)  # the trainer's compiled regions: same kernels, a short cold compile
-
     stream = TokenStream(shard_paths(shards, "val"))
-    if len(stream) < p.val_tokens + 1:
-        raise DataError(f"validation shards in {shards} hold {len(stream):,} tokens, fewer than "
-                        f"evaluate.val_tokens + 1 ({p.val_tokens + 1:,}): lower evaluate.val_tokens")
     manifest = load_manifest(shards) if (shards / MANIFEST).exists() else None
-    window = torch.tensor(int(state["window_blocks"]), dtype=torch.int32, device=device)
+    if state.get("recipe") == "record":
+        # the trainer's validation: the record's chunks (their size is part of the result), its windows
+        from .record.evaluate import evaluate_loss as record_loss, model_from_state
 
-    t0 = time.perf_counter()
-    loss = evaluate_loss(model, stream, p.val_tokens, p.micro_batch_tokens, window, device, rank, world)
+        micro = p.micro_batch_tokens
+        if p.val_tokens % (micro * world):
+            raise ParamError(f"params.yaml: evaluate.val_tokens ({p.val_tokens:,}) must be a multiple of the "
+                             f"run's validation chunk ({micro:,}) x processes ({world})")
+        if len(stream) < p.val_tokens + 2:
+            raise DataError(f"validation shards in {shards} hold {len(stream):,} tokens, fewer than "
+                            f"evaluate.val_tokens + 2 ({p.val_tokens + 2:,}): lower evaluate.val_tokens")
+        model = model_from_state(state, device, str(final), rows=max(micro, int(state["config"]["max_seq_len"])))
+        window_tokens = int(state["windows"][1])
+        t0 = time.perf_counter()
+        loss = record_loss(model, shards, p.val_tokens, micro, device, device.type == "cuda" and p.compile,
+                           rank, world)
+        same_setup = p.val_tokens == state.get("val_tokens") and micro == state.get("val_chunk_tokens")
+    else:
+        # rotary tables are sized to the trainer's micro-batch; they are not weights, so a longer
+        # evaluation micro-batch only needs a longer table (same values for the shared positions)
+        state = dict(state, config={**state["config"], "max_seq_len": max(
+            int(state["config"].get("max_seq_len", 0)), p.micro_batch_tokens)})
+        model = ckpt.model_from_checkpoint(state, device, str(final)).eval()
+        if device.type == "cuda" and p.compile:
+            compile_regions(model)  # the trainer's compiled regions: same kernels, a short cold compile
+        if len(stream) < p.val_tokens + 1:
+            raise DataError(f"validation shards in {shards} hold {len(stream):,} tokens, fewer than "
+                            f"evaluate.val_tokens + 1 ({p.val_tokens + 1:,}): lower evaluate.val_tokens")
+        window = torch.tensor(int(state["window_blocks"]), dtype=torch.int32, device=device)
+        micro, window_tokens = p.micro_batch_tokens, int(state["window_blocks"]) * BLOCK_SIZE
+        t0 = time.perf_counter()
+        loss = evaluate_loss(model, stream, p.val_tokens, p.micro_batch_tokens, window, device, rank, world)
+        same_setup = (p.val_tokens == state.get("val_tokens")
+                      and p.micro_batch_tokens == state.get("micro_batch_tokens"))
     runtime = time.perf_counter() - t0  # .item() inside synchronised the device
-    same_setup = (p.val_tokens == state.get("val_tokens")
-                  and p.micro_batch_tokens == state.get("micro_batch_tokens"))
     metrics = {
         "val_loss": round(loss, 6),
         "perplexity": round(math.exp(loss), 4) if loss < 700 else None,
@@ -137,8 +167,9 @@ def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None,
         "meets_target": None if target is None else bool(loss <= target),
         "runtime_s": round(runtime, 3),
         "tokens_per_s": round(p.val_tokens / runtime, 1) if runtime > 0 else None,
-        "window_tokens": int(state["window_blocks"]) * BLOCK_SIZE,
-        "micro_batch_tokens": p.micro_batch_tokens,
+        "window_tokens": window_tokens,
+        "micro_batch_tokens": micro,
+        "recipe": state.get("recipe", "classic"),
         "step": state.get("step"),
         # the trainer's last validation, and whether it used the same tokens and chunking (then
         # both numbers must agree: a mismatch means the checkpoint or data changed)

@@ -41,7 +41,7 @@ def _env(nproc: int) -> dict:
 def _train(root: Path, shards: Path, nproc: int, tag: str) -> tuple[list[float], dict]:
     params = root / f"params-{tag}.yaml"
     params.write_text(yaml.safe_dump({"train": {
-        "profile": "cpu-tiny", "nproc": nproc, "steps": 8, "val_every": 4, "val_tokens": 1024,
+        "recipe": "classic", "profile": "cpu-tiny", "nproc": nproc, "steps": 8, "val_every": 4, "val_tokens": 1024,
         "ckpt_every": 0}}))
     out = root / tag
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -19,7 +19,7 @@ from conftest import make_docs
 from speedrun.shards import write_shard
 from speedrun.tokenizer import encode_document
 
-TINY_TRAIN = {"profile": "cpu-tiny", "steps": 6, "val_every": 3, "val_tokens": 1024, "ckpt_every": 0}
+TINY_TRAIN = {"recipe": "classic", "profile": "cpu-tiny", "steps": 6, "val_every": 3, "val_tokens": 1024, "ckpt_every": 0}
 TINY_EVAL = {"val_tokens": 1024, "micro_batch_tokens": 256}
 _RUNS: dict[str, Path] = {}
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_dvc
 
-TRAIN = {"profile": "cpu-tiny", "steps": 4, "val_every": 2, "val_tokens": 1024, "ckpt_every": 0}
+TRAIN = {"recipe": "classic", "profile": "cpu-tiny", "steps": 4, "val_every": 2, "val_tokens": 1024, "ckpt_every": 0}
 EVALUATE = {"val_tokens": 1024, "micro_batch_tokens": 256, "device": "cpu"}
 
 

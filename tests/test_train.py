@@ -36,7 +36,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 STEPS = 8
-RESUME_TRAIN = {"profile": "cpu-tiny", "steps": STEPS, "val_every": 2, "val_tokens": 512,
+RESUME_TRAIN = {"recipe": "classic", "profile": "cpu-tiny", "steps": STEPS, "val_every": 2, "val_tokens": 512,
                 "ckpt_every": 0, "target_val_loss": 20.0}
 REQUIRED_KEYS = ["dataset", "target", "reached_target", "time_to_target_s", "tokens_to_target",
                  "step_to_target", "final_val_loss", "steps", "tokens", "train_time_s",
@@ -410,7 +410,7 @@ def _stage_error(tmp_path, shards, capsys, train: dict) -> str:
     from stages.train_speedrun import main
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": train}))
+    params.write_text(yaml.safe_dump({"train": {"recipe": "classic", **train}}))
     code, out, err = run_stage(main, ["--params", str(params), "--shards", str(shards),
                                       "--models", str(tmp_path / "models"),
                                       "--metrics", str(tmp_path / "metrics")], capsys)
@@ -458,7 +458,7 @@ def test_interrupted_stage_exits_130(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(Run, "__init__", lambda self, *a, **k: None)
     monkeypatch.setattr(Run, "run", interrupted)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {"profile": "cpu-tiny"}}))
+    params.write_text(yaml.safe_dump({"train": {"recipe": "classic", "profile": "cpu-tiny"}}))
     code, _, err = run_stage(main, ["--params", str(params)], capsys)
     assert code == 130, err
 

@@ -91,7 +91,7 @@ def loss_and_logit_grad(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_
     can be: a [tokens, 50304] pass costs tens of milliseconds on a CPU."""
     N, V = u.shape
     inv_c = 1.0 / C
-    z = u.float().mul_(inv_c).add_(B * inv_c).sigmoid_()       # sigmoid, fp32
+    z = u.to(torch.float32, copy=True).mul_(inv_c).add_(B * inv_c).sigmoid_()   # sigmoid, fp32 (u untouched)
     m = z.amax(dim=1, keepdim=True).mul_(A)                     # the max comes from the unrounded sigmoid
     sb = z.to(torch.bfloat16)                                   # ... the rest from its bf16 rounding
     z.copy_(sb).mul_(A)

@@ -91,15 +91,20 @@ class RecordParams:
                                  "stage's batch must be a multiple of 1024 tokens")
 
 
-# cpu-tiny: the record's code path at a size a laptop CPU trains in seconds per step
-CPU_TINY = dict(model_dim=96, head_dim=16, bigram_vocab=4096, micro_batch_tokens=1024, val_chunk_tokens=1024,
-                scheduled_steps=24, extension_steps=3, stage_batch_tokens=[1024, 2048, 3072],
+# cpu-tiny: the record's code path at a size two CPU cores train in about a second per step
+# (11 layers of 6 x 16, 512-token micro-batches, 12 + 2 steps); a key set away from its default in
+# params.yaml keeps the value given there (a test can shorten the run further)
+CPU_TINY = dict(model_dim=96, head_dim=16, bigram_vocab=4096, micro_batch_tokens=512, val_chunk_tokens=512,
+                scheduled_steps=12, extension_steps=2, stage_batch_tokens=[512, 1024, 1024],
                 stage_seq_len=[256, 512, 512], short_windows=[1, 1, 2, 2], long_windows=[2, 3, 4, 4],
-                final_long_window=6, muon_momentum_warmup=6, muon_momentum_cooldown=2, fp8="off")
+                final_long_window=4, muon_momentum_warmup=4, muon_momentum_cooldown=2, fp8="off")
 
 
 def effective(r: RecordParams, profile: str) -> RecordParams:
-    return dataclasses.replace(r, **CPU_TINY) if profile == "cpu-tiny" else r
+    if profile != "cpu-tiny":
+        return r
+    default = RecordParams()
+    return dataclasses.replace(r, **{k: v for k, v in CPU_TINY.items() if getattr(r, k) == getattr(default, k)})
 
 
 def schedule(r: RecordParams) -> sch.Schedule:

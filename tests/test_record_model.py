@@ -1,0 +1,200 @@
+"""The record recipe's model pieces on CPU: attention masks, DC correction, the loss and its
+gradient, the FP8 weight state, the optimizer's bf16 + mantissa arithmetic, tying and untying.
+(Equality with the record's own code is benchmarks/reference.py's job on a GPU machine.)"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from speedrun.record import loss as L
+from speedrun.record.attention import dense_window_mask, doc_ids, window_mask
+from speedrun.record.dc import dc_correct
+from speedrun.record.loader import _pack
+from speedrun.record.model import GRAD_SCALE, RecordConfig, build
+from speedrun.record.optimizer import NorMuonAdam, cautious_step, label
+
+TINY = RecordConfig(model_dim=48, head_dim=8, bigram_vocab=512, max_seq_len=1024)
+
+
+def _batch(T=256, seed=0, every=50):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 50257, T + 1).astype(np.int64)
+    toks[0] = 50256
+    toks[rng.integers(1, T, T // every)] = 50256
+    ends = np.append(np.flatnonzero(toks[1:-1] == 50256) + 1, T)
+    return _pack(toks, ends, T, TINY.bigram_vocab)
+
+
+def _tensors(mb):
+    return (torch.from_numpy(a) for a in (mb.inputs, mb.targets, mb.bigram, mb.cu_seqlens))
+
+
+def test_block_mask_equals_the_dense_rule():
+    """FlexAttention's block bookkeeping (full / partial blocks + mask_mod) gives exactly the
+    token rule doc[q] == doc[k], q - window <= k <= q, for windows inside and across blocks."""
+    T = 640
+    cu = torch.tensor([0, 100, 101, 350, 600, 640, 640], dtype=torch.int32)
+    doc = doc_ids(cu, T)
+    for w in (0, 1, 127, 128, 300, 1000):
+        bm = window_mask(doc, torch.tensor(w, dtype=torch.int32))
+        blocks = bm.to_dense()[0, 0].bool()
+        pos = torch.arange(T)
+        partial_rule = bm.mask_mod(0, 0, pos[:, None], pos[None, :])
+        full = torch.zeros(T // 128, T // 128, dtype=torch.bool)
+        fi, fn = bm.full_kv_indices[0, 0], bm.full_kv_num_blocks[0, 0]
+        for q in range(T // 128):
+            full[q, fi[q, :fn[q]].long()] = True
+        token = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1) & partial_rule
+        token |= full.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        assert torch.equal(token, dense_window_mask(doc, w)), w
+        # a full block must pass the rule everywhere (else the kernel would skip needed masking)
+        assert torch.all(dense_window_mask(doc, w)[full.repeat_interleave(128, 0).repeat_interleave(128, 1)])
+
+
+def test_dc_correction_equals_a_per_token_loop():
+    torch.manual_seed(0)
+    T, H, D = 256, 6, 8
+    q, k, v = (torch.randn(1, T, H, D).to(torch.bfloat16) for _ in range(3))
+    y = torch.randn(1, T, H, D).to(torch.bfloat16)
+    w1, w2 = torch.randn(1, T, H).bfloat16(), torch.randn(1, T, H).bfloat16()
+    doc = doc_ids(torch.tensor([0, 70, 200, 256], dtype=torch.int32), T)
+    scale = torch.tensor(0.3)
+    out = dc_correct(y, q, k, v, w1, w2, doc, scale, window=112)
+    expect = y[0].float().clone()
+    for t in range(T):
+        keys = [s for s in range(max(0, t - 111), t + 1) if doc[s] == doc[t]]
+        p = torch.softmax(torch.stack([(q[0, t].float() * k[0, s].float()).sum(-1) for s in keys], -1) * 0.3, -1)
+        a = (w1[0, t].float()[:, None] * p).sum(0)                          # [len(keys)]
+        for h in range(H):
+            mix = (w2[0, t, h].float() * a).bfloat16().float()
+            expect[t, h] += (mix[:, None] * v[0, keys, h].float()).sum(0)
+    assert torch.allclose(out[0].float(), expect.bfloat16().float(), atol=2e-2, rtol=2e-2)
+    # odd lengths (exported models) pad to a block and drop the padding again
+    out_odd = dc_correct(y[:, :200], q[:, :200], k[:, :200], v[:, :200], w1[:, :200], w2[:, :200], doc[:200], scale)
+    assert torch.equal(out_odd, out[:, :200])
+
+
+def test_training_loss_and_its_gradient():
+    """Per-row loss = sum_k w_k CE(z, t[r+k]) + w_p CE(z, prefix), z = 23 sigmoid((u+5)/7.5)
+    (sigmoid rounded to bf16); the gradient matches autograd of that loss on the rows whose
+    targets all exist, and keeps the record's normaliser on the last rows."""
+    torch.manual_seed(1)
+    N, V = 12, 300
+    u = torch.randn(N, V) * 4
+    t = torch.randint(0, V, (N,))
+    prefix = torch.randint(-1, V, (N,))
+    mtp, pw = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.3])
+    losses, g = L.loss_and_logit_grad(u, t, mtp, prefix, pw, grad_mul=1.0)
+    uu = u.clone().requires_grad_()
+    s = torch.sigmoid(uu / 7.5 + 5 / 7.5)
+    z = 23 * (s + (s.bfloat16().float() - s).detach())        # bf16-rounded value, exact derivative
+    lse = torch.logsumexp(z, -1)
+    ref = torch.zeros(N)
+    for k, w in enumerate(mtp):
+        ok = torch.arange(N) + k < N
+        tk = torch.where(ok, torch.roll(t, -k), 0)
+        ref = ref + torch.where(ok, w * (lse - z.gather(1, tk[:, None])[:, 0]), 0.0)
+    ok = prefix >= 0
+    ref = ref + torch.where(ok, pw * (lse - z.gather(1, prefix.clamp(0)[:, None])[:, 0]), 0.0)
+    assert torch.allclose(losses, ref.detach(), rtol=1e-5, atol=1e-5)
+    ref.sum().backward()
+    full = slice(0, N - 2)                                      # rows with all three targets
+    assert torch.allclose(g[full], uu.grad[full], rtol=2e-2, atol=2e-4)
+    # the record's normaliser sums every MTP weight, also where a later target is past the end
+    assert not torch.allclose(g[-1], uu.grad[-1], rtol=1e-3, atol=1e-6)
+    # validation: plain CE of the rescaled logits
+    x, w = torch.randn(7, 16).bfloat16(), torch.randn(16, V).bfloat16()
+    ce = L.eval_losses(x, w, t[:7], rows=3)
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(L.rescale(x @ w).float(), t[:7], reduction="none"))
+
+
+def test_prefix_table_is_the_longest_proper_prefix_token():
+    from speedrun.tokenizer import get_encoding
+
+    enc = get_encoding()
+    table = L.prefix_table(50304)
+    for text in (" the", " everything", "ing", "Hello"):
+        (tid,) = enc.encode_ordinary(text)
+        b = enc.decode_single_token_bytes(tid)
+        p = table[tid].item()
+        prefixes = [n for n in range(1, len(b)) if b[:n] in enc._mergeable_ranks]
+        if prefixes:
+            assert enc.decode_single_token_bytes(p) == b[:max(prefixes)]
+        else:
+            assert p == -1
+    assert table[50256] == -1 and table[50300] == -1    # <|endoftext|> and the padding rows
+
+
+def test_model_seed_dtypes_and_a_learning_step():
+    a = build(TINY, torch.device("cpu"), fp8=False, seed=3)
+    b = build(TINY, torch.device("cpu"), fp8=False, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    fp32 = {n for n, p in a.named_parameters() if p.dtype == torch.float32}
+    assert fp32 == {"scalars", "post_lambdas", "resid_lambdas", "_mudd_gate_scale"}
+    assert a.mlp_bank[:, 1].abs().sum() == 0 and a.bigram_embed.weight.abs().sum() == 0
+    assert torch.equal(a.embed.weight, a.lm_head.weight.t())
+    a.fill_prefix_table()
+    opt = NorMuonAdam(a)
+    x, y, bg, cu = _tensors(_batch())
+    a.set_windows(128, 256)
+    first = None
+    for step in range(6):
+        m = a.masks(cu, x.numel())
+        h = a.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, False)
+        losses = a.train_losses(h, y, torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.25]), False)
+        (losses.sum() * GRAD_SCALE).backward()
+        opt.step(1.0, 0.85, adam=step % 2 == 1)
+        first = losses.mean().item() if first is None else first
+        assert math.isfinite(losses.mean().item())
+    assert losses.mean().item() < first   # the same batch six times: it must fit it
+
+
+def test_bf16_weight_plus_mantissa_is_exact_fp32():
+    """NorMuon updates an fp32 value split into the bf16 weight (upper half) and a 16-bit mantissa."""
+    torch.manual_seed(2)
+    w32 = torch.randn(4, 8, 16)
+    bits = w32.view(torch.int32)
+    p16 = (bits >> 16).to(torch.int16).view(torch.bfloat16).clone()   # truncation, as the record keeps it
+    mant = (bits & 0xFFFF).to(torch.int32).to(torch.uint16)
+    upd = torch.randn(4, 8, 16).bfloat16()
+    wd, lr = torch.tensor(0.3), torch.tensor(0.01)
+    mults = torch.tensor([1.0, 2.0, 1.0, 4.0]).view(-1, 1, 1)
+    cautious_step(p16.view(torch.uint16), mant, upd, wd, lr, mults)
+    lr_eff = 0.01 * mults
+    mask = (upd.float() * w32) >= 0
+    expect = w32 - w32 * mask * 0.3 * lr_eff - upd.float() * lr_eff
+    got = ((p16.view(torch.int16).to(torch.int32) << 16) | mant.to(torch.int32)).view(torch.float32)
+    assert torch.equal(got, expect)
+
+
+def test_adam_on_odd_steps_sums_gradients_and_unties_the_embedding():
+    model = build(TINY, torch.device("cpu"), fp8=False, seed=4)
+    opt = NorMuonAdam(model)
+    params = {label(n): p for n, p in model.named_parameters()}
+    head0 = params["lm_head"].detach().clone()
+    for step in range(4):
+        for p in model.parameters():
+            g = torch.full_like(p, 1e-3)
+            p.grad = g if p.grad is None else p.grad + g
+        bank0 = params["qk_bank"].detach().clone()
+        opt.step(1.0, 0.9, adam=step % 2 == 1)
+        assert not torch.equal(params["qk_bank"], bank0)          # Muon: every step
+        if step % 2 == 0:   # Adam: not on even steps; its gradient waits for the next step's
+            assert params["lm_head"].grad is not None and params["qk_bank"].grad is None
+            if step == 0:
+                assert torch.equal(params["lm_head"], head0)
+        else:
+            assert params["lm_head"].grad is None
+        assert torch.equal(params["embed"], params["lm_head"].t())   # tied
+    assert opt.state["lm_head"]["step"] == 2 and opt.state["embed"]["step"] == 0
+    opt.untie()
+    assert opt.state["embed"]["step"] == 2
+    assert torch.equal(opt.state["embed"]["exp_avg"], opt.state["lm_head"]["exp_avg"].t())
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    params["embed"].grad = torch.full_like(params["embed"], -1e-3)
+    opt.step(1.0, 0.9, adam=True)
+    assert not torch.equal(params["embed"], params["lm_head"].t())   # apart now

@@ -1,0 +1,84 @@
+"""The record recipe through the train_speedrun and evaluate_val stages (cpu-tiny): a run stopped by
+a signal and resumed ends with exactly the weights of an uninterrupted one, and evaluate_val
+reproduces the trainer's last validation."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from speedrun import checkpoint as ckpt
+from speedrun.atomic import write_json
+from speedrun.shards import write_shard
+from test_train import ENV, PROJECT, _finish, _popen, _stage_cmd
+
+TRAIN = {"recipe": "record", "profile": "cpu-tiny", "val_every": 3, "val_tokens": 1024, "ckpt_every": 0,
+         "target_val_loss": 20.0}
+RECORD = {"scheduled_steps": 6, "extension_steps": 1}   # 2 steps per stage, one extension step
+
+
+def _docs(rng, n_tokens: int) -> np.ndarray:
+    lengths = rng.integers(20, 300, n_tokens // 20)
+    toks = np.concatenate([np.concatenate([[50256], rng.integers(0, 50256, n - 1)]) for n in lengths])
+    return toks[:n_tokens].astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("record")
+    shards = root / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    write_shard(shards / "train_000000.bin", _docs(rng, 40_000))
+    write_shard(shards / "val_000000.bin", _docs(rng, 3_000))
+    write_json(shards / "manifest.json", {"train": [{"file": "train_000000.bin"}], "val": [{"file": "val_000000.bin"}]})
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": TRAIN, "record": RECORD, "evaluate": {"val_tokens": 1024}}))
+    a = _popen(_stage_cmd(params, shards, root / "A"))
+    b = _finish(_popen(_stage_cmd(params, shards, root / "B")), interrupt_at=2, sigs=(signal.SIGINT,))
+    b_resumed = _finish(_popen(_stage_cmd(params, shards, root / "B")))
+    a = _finish(a)
+    return root, params, shards, a, b, b_resumed
+
+
+def test_record_run_completes_with_metrics(runs):
+    root, _, _, a, _, _ = runs
+    assert a[0] == 0, a[2][-2000:]
+    m = json.loads((root / "A/metrics/train.json").read_text())
+    assert m["recipe"] == "record" and m["steps"] == 7 and m["tokens"] == 2 * 512 + 4 * 1024 + 1024
+    assert m["recompiles_after_warmup"] == 0 and m["fp8"] is False
+    assert m["reached_target"] and m["final_val_loss"] < 11.5
+    assert "recipe: record #89" in a[1]
+
+
+def test_interrupted_record_run_resumes_to_the_same_weights(runs):
+    root, _, _, a, b, b_resumed = runs
+    assert b[0] == 130 and "checkpoint saved" in b[2], b[2][-2000:]
+    assert b_resumed[0] == 0 and "resuming from step" in b_resumed[1], b_resumed[2][-2000:]
+    fa, fb = (ckpt.load(root / f"{r}/models/final.pt") for r in ("A", "B"))
+    assert fa["recipe"] == fb["recipe"] == "record"
+    for k in fa["model"]:
+        assert torch.equal(fa["model"][k], fb["model"][k]), k
+    assert fa["val_loss"] == fb["val_loss"]
+    latest = torch.load(root / "B/models/checkpoints/latest.pt", weights_only=True)
+    assert latest["loader"]["doc"] > 0 and "mantissa" in latest["optimizer"]["state"]["qk_bank"]
+
+
+def test_evaluate_val_reproduces_the_last_validation(runs):
+    root, params, shards, a, _, _ = runs
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate_val", "--params", str(params), "--shards", str(shards),
+                           "--models", str(root / "A/models"), "--metrics", str(root / "A/metrics")],
+                          cwd=PROJECT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((root / "A/metrics/eval.json").read_text())
+    final = ckpt.load(root / "A/models/final.pt")
+    assert ev["recipe"] == "record" and ev["same_setup_as_training"]
+    assert abs(ev["val_loss"] - final["val_loss"]) < 1e-4
+    assert ev["micro_batch_tokens"] == 512 and ev["window_tokens"] == final["windows"][1]
