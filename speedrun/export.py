@@ -26,6 +26,11 @@ from .params import param
 
 HF_CODE_DIR = Path(__file__).parent / "hf_model"
 CODE_FILES = ("configuration_speedrun_gpt.py", "modeling_speedrun_gpt.py")
+# the record recipe's folder carries its training modules: the exported model runs that code
+RECORD_CODE_FILES = ("configuration_speedrun_record.py", "modeling_speedrun_record.py")
+RECORD_DIR = Path(__file__).parent / "record"
+RECORD_MODULES = ("model.py", "mudd.py", "attention.py", "bigram.py", "dc.py", "loss.py", "mlp.py", "yarn.py")
+RECORD_MAX_LEN = 8192   # rotary rows of an exported record model: the longest text it takes
 TEXT_VOCAB = 50257          # GPT-2's tokens; model rows above are padding (vocab rounded to x128)
 # GPTConfig fields the HF modeling code reproduces (max_seq_len is not needed there)
 MIRRORED_FIELDS = {"vocab_size", "n_layer", "model_dim", "n_head", "head_dim", "n_kv_head", "value_embeds",
@@ -68,6 +73,26 @@ def hf_config(state: dict):
     config.auto_map = {"AutoConfig": "configuration_speedrun_gpt.SpeedrunGPTConfig",
                        "AutoModelForCausalLM": "modeling_speedrun_gpt.SpeedrunGPTForCausalLM"}
     return config
+
+
+def record_export(state: dict, path: str):
+    """(config, weights) of a record-recipe final.pt: weights in their training dtypes, named as
+    the HF wrapper holds them (model.<name>), checked by loading them into the model."""
+    from .hf_model.configuration_speedrun_record import SpeedrunRecordConfig
+    from .record.evaluate import model_from_state
+
+    model = model_from_state(state, torch.device("cpu"), path, rows=RECORD_MAX_LEN)
+    cfg = state["config"]
+    config = SpeedrunRecordConfig(vocab_size=cfg["vocab_size"], model_dim=cfg["model_dim"], head_dim=cfg["head_dim"],
+                                  bigram_vocab=cfg["bigram_vocab"], bigram_sign_rows=cfg["bigram_sign_rows"],
+                                  max_seq_len=RECORD_MAX_LEN, windows=list(state["windows"]),
+                                  rotary_history=list(state["rotary_history"]), eot_token_id=EOT_ID,
+                                  text_vocab_size=TEXT_VOCAB)
+    config.architectures = ["SpeedrunRecordForCausalLM"]
+    config.auto_map = {"AutoConfig": "configuration_speedrun_record.SpeedrunRecordConfig",
+                       "AutoModelForCausalLM": "modeling_speedrun_record.SpeedrunRecordForCausalLM"}
+    weights = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    return config, weights
 
 
 def checked_state_dict(state: dict, path: str) -> dict[str, torch.Tensor]:
@@ -160,15 +185,29 @@ def model_card(p: ExportParams, train: dict, ev: dict, config, n_params: int) ->
         ("hardware", hardware),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if getattr(config, "model_type", "") == "speedrun_record":
+        intro = (f"A {n_params / 1e6:.1f}M-parameter GPT language model from the GPT-2 (124M) speedrun: the math of "
+                 f"modded-nanogpt's track-1 record #89 (bigram hash embedding, MUDD connections, paired-head, "
+                 f"XSA and dynamically composable attention, YaRN, multi-token and prefix-token training "
+                 f"targets), trained with NorMuon + Adam on `{dataset}`.")
+        architecture = (f"Architecture: 11 layers, width {config.model_dim}, 6 heads of {config.head_dim}; "
+                        f"attention windows of {config.windows[0]} and {config.windows[1]} tokens; "
+                        f"inputs up to {config.max_seq_len} tokens.")
+    else:
+        intro = (f"A {n_params / 1e6:.1f}M-parameter GPT language model from the GPT-2 (124M) speedrun: the "
+                 f"modded-nanogpt architecture (rotary embeddings, QK-norm, ReLU² MLP, value embeddings, U-net "
+                 f"skips, smear gate, soft-capped logits) trained with Muon + Adam on `{dataset}`.")
+        architecture = (f"Architecture: {config.n_layer} layers, width {config.model_dim}, {config.n_head} heads "
+                        f"of {config.head_dim} ({config.n_kv_head or config.n_head} key/value heads), "
+                        f"sliding-window attention of {config.window_blocks} x {config.block_size} tokens "
+                        f"(half that on most layers).")
     return f"""---
 {data.to_yaml()}
 ---
 
 # {name}
 
-A {n_params / 1e6:.1f}M-parameter GPT language model from the GPT-2 (124M) speedrun: the modded-nanogpt
-architecture (rotary embeddings, QK-norm, ReLU² MLP, value embeddings, U-net skips, smear gate,
-soft-capped logits) trained with Muon + Adam on `{dataset}`.
+{intro}
 
 {verdict}
 
@@ -176,9 +215,7 @@ soft-capped logits) trained with Muon + Adam on `{dataset}`.
 |---|---|
 {table}
 
-Architecture: {config.n_layer} layers, width {config.model_dim}, {config.n_head} heads of {config.head_dim}
-({config.n_kv_head or config.n_head} key/value heads),
-sliding-window attention of {config.window_blocks} x {config.block_size} tokens (half that on most layers).
+{architecture}
 
 ## Usage
 
@@ -235,8 +272,14 @@ def export_folder(final: Path, train_metrics: Path, eval_metrics: Path, out: Pat
     state = ckpt.load(final)
     train = _load_json(train_metrics, "train_speedrun")
     ev = _load_json(eval_metrics, "evaluate_val")
-    weights = checked_state_dict(state, str(final))
-    config = hf_config(state)
+    record = state.get("recipe") == "record"
+    if record:
+        config, weights = record_export(state, str(final))
+        code = [HF_CODE_DIR / f for f in RECORD_CODE_FILES] + [RECORD_DIR / f for f in RECORD_MODULES]
+    else:
+        weights = checked_state_dict(state, str(final))
+        config = hf_config(state)
+        code = [HF_CODE_DIR / f for f in CODE_FILES]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by an interrupted export
@@ -246,8 +289,8 @@ def export_folder(final: Path, train_metrics: Path, eval_metrics: Path, out: Pat
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         generation_config(config).save_pretrained(str(tmp))
-        for name in CODE_FILES:
-            shutil.copyfile(HF_CODE_DIR / name, tmp / name)
+        for f in code:
+            shutil.copyfile(f, tmp / f.name)
         write_tokenizer(tmp)
         n_params = sum(w.numel() for w in weights.values())
         (tmp / "README.md").write_text(model_card(p, train, ev, config, n_params))

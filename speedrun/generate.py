@@ -36,6 +36,14 @@ def from_checkpoint(path: Path, device: torch.device, max_len: int) -> Generator
     from .tokenizer import get_encoding
 
     state = ckpt.load(path)
+    if state.get("recipe") == "record":
+        from .record.evaluate import model_from_state
+        from .tokenizer import get_encoding
+
+        rmodel = model_from_state(state, device, str(path), rows=max(int(state["config"]["max_seq_len"]),
+                                                                     _round_up(max_len)))
+        enc = get_encoding()
+        return Generator(str(path), lambda ids: rmodel.sequence_logits(ids)[-1], enc.encode_ordinary, enc.decode)
     # rotary tables are sized by max_seq_len (a non-persistent buffer): make room for the text
     state = dict(state, config={**state["config"],
                                 "max_seq_len": max(state["config"].get("max_seq_len", 0), _round_up(max_len))})

@@ -115,7 +115,8 @@ def test_prefix_table_is_the_longest_proper_prefix_token():
     from speedrun.tokenizer import get_encoding
 
     enc = get_encoding()
-    table = L.prefix_table(50304)
+    from speedrun.record.prefix import prefix_table
+    table = prefix_table(50304)
     for text in (" the", " everything", "ing", "Hello"):
         (tid,) = enc.encode_ordinary(text)
         b = enc.decode_single_token_bytes(tid)

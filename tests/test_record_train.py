@@ -82,3 +82,34 @@ def test_evaluate_val_reproduces_the_last_validation(runs):
     assert ev["recipe"] == "record" and ev["same_setup_as_training"]
     assert abs(ev["val_loss"] - final["val_loss"]) < 1e-4
     assert ev["micro_batch_tokens"] == 512 and ev["window_tokens"] == final["windows"][1]
+
+
+def test_export_and_generate_compute_what_the_checkpoint_computes(runs):
+    """The exported folder runs the training modules themselves: its logits equal the
+    checkpoint's bit for bit, and greedy generation from either gives the same text."""
+    root, params, _, _, _, _ = runs
+    if not (root / "A/metrics/eval.json").exists():
+        test_evaluate_val_reproduces_the_last_validation(runs)
+    proc = subprocess.run([sys.executable, "-m", "stages.export_hf", "--params", str(params),
+                           "--models", str(root / "A/models"), "--metrics", str(root / "A/metrics")],
+                          cwd=PROJECT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = root / "A/models/hf"
+    assert {"model.py", "modeling_speedrun_record.py", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf.iterdir()}
+    from transformers import AutoModelForCausalLM
+
+    from speedrun.record.evaluate import model_from_state
+    model = AutoModelForCausalLM.from_pretrained(str(hf), trust_remote_code=True).eval()
+    ids = torch.tensor([[50256, 464, 3807, 373, 257, 50256, 40, 588, 262, 1621]])
+    with torch.no_grad():
+        got = model(ids).logits[0]
+    ours = model_from_state(ckpt.load(root / "A/models/final.pt"), torch.device("cpu"), rows=4096)
+    assert torch.equal(got, ours.sequence_logits(ids[0]))
+    outs = []
+    for src in (root / "A/models/final.pt", hf):
+        p = subprocess.run([sys.executable, "-m", "stages.generate", "--prompt", "The film", "--model", str(src),
+                            "--max-new-tokens", "6", "--temperature", "0"],
+                           cwd=PROJECT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs.append(p.stdout)
+    assert outs[0] == outs[1] and outs[0].strip()

@@ -25,8 +25,6 @@ Validation: bf16 logits, the same rescale, plain next-token cross-entropy, rows 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,29 +40,6 @@ X_SCALE = 100 / 448               # static FP8 scales of the head's input, weigh
 W_SCALE = 1.6 / 448
 GRAD_SCALE = 0.75 / 448
 EVAL_ROWS = 8192                  # rows of logits per chunk when evaluating
-
-
-@functools.lru_cache(maxsize=4)
-def prefix_table(vocab_size: int) -> Tensor:
-    """int64 [vocab_size]: each token's longest proper byte prefix that is a token, else -1.
-
-    Built from the GPT-2 vocabulary alone: sorted byte strings put every prefix before its
-    extensions, so a stack of the current token's ancestors gives the longest one."""
-    from ..tokenizer import get_encoding
-
-    ranks = get_encoding()._mergeable_ranks
-    table = [-1] * vocab_size
-    stack: list[bytes] = []
-    ids: list[int] = []
-    for b, tid in sorted(ranks.items()):
-        while stack and not b.startswith(stack[-1]):
-            stack.pop()
-            ids.pop()
-        if ids:
-            table[tid] = ids[-1]
-        stack.append(b)
-        ids.append(tid)
-    return torch.tensor(table, dtype=torch.int64)
 
 
 def rescale(u: Tensor) -> Tensor:

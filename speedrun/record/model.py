@@ -30,16 +30,19 @@ of tensors, so it compiles into one graph; the head's loss runs outside it (a Tr
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import mudd
+from .mudd import (GATE_COEFS, HIDDEN, MUDD_COEFS, MUDD_SCALE, POST_ATTN_GATE, POST_DC,
+                   POST_GATE_LAYER, POST_INJECT, POST_SKIP, POST_XSA, PRE_ATTN_GATE, PRE_INJECT,
+                   PRE_XSA, coefficient_mlp, gate_bias_init, kaiming_rows, mudd_bias_init)
 from .attention import Masks, attend, xsa
 from .bigram import sign_ids, sign_table
 from .dc import dc_correct, dc_weights
-from .loss import eval_losses, prefix_table, rescale, train_losses
+from .loss import eval_losses, rescale, train_losses
 from .mlp import ACT_HEADROOM, E4M3_MAX, FP8State, relu2_mlp
 from .yarn import Yarn, rotary
 
@@ -131,15 +134,15 @@ class RecordGPT(nn.Module):
         self.scalars = nn.Parameter(torch.cat([
             *[torch.tensor([0.5, 1.0]) for _ in range(NUM_LAYERS)], torch.zeros(1), -1.5 * torch.ones(1)]))
         # --- MUDD and gates (mudd.py) ---------------------------------------------------------
-        self.mudd_w1 = nn.Parameter(torch.empty(2, mudd.HIDDEN, D))
-        mudd.kaiming_rows(self.mudd_w1)
-        self.mudd_w2 = nn.Parameter(torch.zeros(2, mudd.MUDD_COEFS[0], mudd.HIDDEN))
-        self.mudd_b2 = nn.Parameter(mudd.mudd_bias_init())
+        self.mudd_w1 = nn.Parameter(torch.empty(2, HIDDEN, D))
+        kaiming_rows(self.mudd_w1)
+        self.mudd_w2 = nn.Parameter(torch.zeros(2, MUDD_COEFS[0], HIDDEN))
+        self.mudd_b2 = nn.Parameter(mudd_bias_init())
         self._mudd_gate_scale = nn.Parameter(torch.tensor(0.1))
-        self.mudd_gate_w1 = nn.Parameter(torch.empty(2, mudd.HIDDEN, D))
-        self.mudd_gate_w2 = nn.Parameter(torch.zeros(2, mudd.GATE_COEFS[1], mudd.HIDDEN))
-        mudd.kaiming_rows(self.mudd_gate_w1)
-        self.mudd_gate_b2 = nn.Parameter(mudd.gate_bias_init())
+        self.mudd_gate_w1 = nn.Parameter(torch.empty(2, HIDDEN, D))
+        self.mudd_gate_w2 = nn.Parameter(torch.zeros(2, GATE_COEFS[1], HIDDEN))
+        kaiming_rows(self.mudd_gate_w1)
+        self.mudd_gate_b2 = nn.Parameter(gate_bias_init())
         # execution state, not weights: rotary tables, windows, FP8 copies (attach())
         self.fp8: FP8State | None = None
 
@@ -148,17 +151,27 @@ class RecordGPT(nn.Module):
         """Move to `device` with the record's dtypes (bf16 matrices and tables; fp32 lambdas,
         scalars, gate scale) and make the execution state: rotary tables, window tensors, FP8."""
         self.to(device)
+        self.cast_to_record_dtypes()
+        return self.make_execution_state(device, fp8)
+
+    FP32_PARAMS = ("scalars", "post_lambdas", "resid_lambdas", "_mudd_gate_scale")
+
+    def cast_to_record_dtypes(self) -> None:
+        for name, p in self.named_parameters():
+            want = torch.float32 if name in self.FP32_PARAMS else torch.bfloat16
+            if p.dtype != want:
+                p.data = p.data.to(want)
+        if self.bigram_sign_table.dtype != torch.bfloat16:
+            self.bigram_sign_table = self.bigram_sign_table.bfloat16()
+
+    def make_execution_state(self, device: torch.device, fp8: bool) -> "RecordGPT":
         # each layer's FP8 scale 16 bytes apart: cuBLAS takes only 16-byte aligned scale pointers,
         # and a layer's scale is passed as a one-element slice of these buffers
         for name in ("_mlp_down_act_scales", "_mlp_down_proj_scales", "_mlp_down_proj_next_scales"):
             old = self._buffers[name]
-            padded = torch.zeros(old.numel(), 4, dtype=old.dtype, device=device)
+            padded = torch.zeros(old.numel(), 4, dtype=torch.float32, device=device)
             padded[:, 0] = old
             self._buffers[name] = padded[:, 0]
-        keep_fp32 = {"scalars", "post_lambdas", "resid_lambdas", "_mudd_gate_scale"}
-        for name, p in self.named_parameters():
-            if name not in keep_fp32:
-                p.data = p.data.bfloat16()
         hd, rows = self.cfg.head_dim, self.cfg.max_seq_len
         self.yarn = Yarn(hd, rows, paired=False, device=device)
         self.yarn_paired = Yarn(hd, rows, paired=True, device=device)
@@ -184,7 +197,9 @@ class RecordGPT(nn.Module):
         self.long_window.fill_(long)
 
     def fill_prefix_table(self) -> None:
-        self.prefix_table.copy_(prefix_table(self.cfg.vocab_size))
+        # imported here: inference (an exported folder carries these modules) needs no vocabulary
+        prefix = importlib.import_module(".prefix", __package__)
+        self.prefix_table.copy_(prefix.prefix_table(self.cfg.vocab_size))
 
     @torch.no_grad()
     def refresh_fp8(self, bootstrap: bool) -> None:
@@ -270,18 +285,18 @@ class RecordGPT(nn.Module):
             inj = {layer: (g[..., o:o + 1], g[..., o + 1:o + 2]) for layer, o in inject.items()}
             return xs, ag, inj
 
-        xsa_alpha, attn_gate, inject = gates(self._gate(x0, 0), mudd.PRE_XSA, mudd.PRE_ATTN_GATE, mudd.PRE_INJECT)
+        xsa_alpha, attn_gate, inject = gates(self._gate(x0, 0), PRE_XSA, PRE_ATTN_GATE, PRE_INJECT)
         x = x0 + x0_bigram * inject[0][1]
         cache = {0: x}
         dc, skip_gate, amaxes = None, None, []
         for i in range(L):
             mu = None
-            if i == mudd.POST_GATE_LAYER:
+            if i == POST_GATE_LAYER:
                 g = self._gate(x, 1)
-                xs, ag, inj = gates(g, mudd.POST_XSA, mudd.POST_ATTN_GATE, mudd.POST_INJECT)
+                xs, ag, inj = gates(g, POST_XSA, POST_ATTN_GATE, POST_INJECT)
                 xsa_alpha.update(xs), attn_gate.update(ag), inject.update(inj)
-                skip_gate = g[..., mudd.POST_SKIP:mudd.POST_SKIP + 1]
-                dc = (g[..., mudd.POST_DC[0]], g[..., mudd.POST_DC[1]])
+                skip_gate = g[..., POST_SKIP:POST_SKIP + 1]
+                dc = (g[..., POST_DC[0]], g[..., POST_DC[1]])
             if i == SKIP_LAYER:
                 x = x + torch.sigmoid(skip_lambda) * skip_gate * cache[3]
             else:
@@ -335,14 +350,14 @@ class RecordGPT(nn.Module):
         return norm(x).view(-1, D)
 
     def _gate(self, x: Tensor, which: int) -> Tensor:
-        n = mudd.GATE_COEFS[which]
-        return mudd.coefficient_mlp(x, self.mudd_gate_w1[which], self.mudd_gate_w2[which, :n],
+        n = GATE_COEFS[which]
+        return coefficient_mlp(x, self.mudd_gate_w1[which], self.mudd_gate_w2[which, :n],
                                     self.mudd_gate_b2[which, :n], self._mudd_gate_scale.type_as(x))
 
     def _mudd(self, x: Tensor, which: int) -> tuple[Tensor, ...]:
-        n = mudd.MUDD_COEFS[which]
-        out = mudd.coefficient_mlp(x, self.mudd_w1[which], self.mudd_w2[which, :n],
-                                   self.mudd_b2[which, :n], mudd.MUDD_SCALE)
+        n = MUDD_COEFS[which]
+        out = coefficient_mlp(x, self.mudd_w1[which], self.mudd_w2[which, :n],
+                                   self.mudd_b2[which, :n], MUDD_SCALE)
         return out.split(1, dim=-1)
 
     # ----------------------------------------------------------------------------- losses
@@ -354,6 +369,25 @@ class RecordGPT(nn.Module):
 
     def eval_losses(self, hidden: Tensor, targets: Tensor) -> Tensor:
         return eval_losses(hidden, self.lm_head.weight, targets)
+
+    @torch.no_grad()
+    def sequence_logits(self, ids: Tensor) -> Tensor:
+        """ids [T] of any length (documents start at <|endoftext|>) -> rescaled logits [T, vocab],
+        fp32, with the windows and rotary state set on the model (set_windows / set_rotary).
+        On a GPU the sequence is padded at its end to whole 128-token blocks (FlexAttention's
+        unit); causal attention keeps the padding out of every real position."""
+        from .bigram import bigram_ids
+
+        T = ids.numel()
+        pad = -T % 128 if ids.is_cuda else 0
+        x = torch.cat([ids.to(torch.int32), ids.new_zeros(pad, dtype=torch.int32)])
+        n = x.numel()
+        starts = (x[1:] == 50256).nonzero()[:, 0].to(torch.int32) + 1
+        cu = torch.cat([x.new_zeros(1), starts, x.new_full((1,), n)]).to(torch.int32)
+        bg = torch.from_numpy(bigram_ids(x.cpu().numpy(), self.cfg.bigram_vocab)).to(x.device)
+        m = self.masks(cu, n)
+        h = self.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, False)
+        return self.logits(h[:T])
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Rescaled logits z in (0, 23), fp32: what validation scores and generation samples."""
