@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import time
 
+import pytest
+
 import torch
 
 from benchmarks.gpu_checks import rows_nan_without_guard, worst_of
@@ -158,3 +160,41 @@ def test_turns_train_one_at_a_time_in_order_after_every_warm_up(tmp_path):
     runs = [e for e in events if e[0] != "warm"]
     assert runs == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 3), ("end", 3)]
     assert events.index(("start", 0)) > max(events.index(("warm", i)) for i in (0, 1, 3))
+
+
+# ----------------------------------------------------------------------------- benchmarks/reference.py
+
+def test_reference_patches_must_match_exactly():
+    from benchmarks.reference import _patch
+
+    src = "a = 1\nb = 2\nb = 2\n"
+    assert _patch(src, [("a = 1", "a = 3")]) == "a = 3\nb = 2\nb = 2\n"
+    assert _patch(src, [("b = 2", "b = 5", 2)]) == "a = 1\nb = 5\nb = 5\n"
+    with pytest.raises(RuntimeError, match="found 2 times"):
+        _patch(src, [("b = 2", "b = 5")])
+    with pytest.raises(RuntimeError, match="found 0 times"):
+        _patch(src, [("c = 3", "")])
+
+
+def test_reference_curve_logs_parse_both_formats(tmp_path):
+    from benchmarks.reference import parse_our_curve, parse_reference_curve
+
+    (tmp_path / "ref.log").write_text("step:0/1285 val_loss:10.8250 train_time:0ms\nstep:25/1285 "
+                                      "val_loss:7.1234 train_time:5000ms step_avg:200ms\n")
+    (tmp_path / "ours.log").write_text("step    25/200 | val_loss 7.1301 | train_time 5.0s | tokens 3,276,800\n"
+                                       "step    26/200 | loss 7.0 | 200.0 ms\n")
+    assert parse_reference_curve(tmp_path / "ref.log") == {0: 10.825, 25: 7.1234}
+    assert parse_our_curve(tmp_path / "ours.log") == {25: 7.1301}
+
+
+def test_reference_perturbation_reaches_every_parameter():
+    from benchmarks.reference import perturbed
+    from speedrun.record.model import RecordConfig, build
+
+    model = build(RecordConfig(model_dim=48, head_dim=8, bigram_vocab=256, max_seq_len=256), torch.device("cpu"),
+                  fp8=False, seed=0)
+    state = model.state_dict()
+    new = perturbed(state, 1)
+    for name, p in model.named_parameters():
+        assert not torch.equal(new[name], state[name]) and new[name].dtype == state[name].dtype, name
+    assert torch.equal(new["bigram_sign_table"], state["bigram_sign_table"])   # not a weight

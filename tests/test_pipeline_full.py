@@ -8,14 +8,16 @@ import pytest
 
 from conftest import run_dvc
 
-TRAIN = {"recipe": "classic", "profile": "cpu-tiny", "steps": 4, "val_every": 2, "val_tokens": 1024, "ckpt_every": 0}
-EVALUATE = {"val_tokens": 1024, "micro_batch_tokens": 256, "device": "cpu"}
+TRAIN = {"profile": "cpu-tiny", "val_every": 2, "val_tokens": 1024, "ckpt_every": 0}   # the default recipe
+RECORD = {"scheduled_steps": 3, "extension_steps": 1}   # one step per stage: 512, 1024, 1024 (+1024) tokens
+EVALUATE = {"device": "cpu"}   # the run's own validation size
 
 
 @pytest.mark.slow
 def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     repo = pipeline_repo
     repo.set_params("train", **TRAIN)
+    repo.set_params("record", **RECORD)
     repo.set_params("evaluate", **EVALUATE)
     repo.commit("tiny CPU run")
 
@@ -27,18 +29,19 @@ def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     assert abs(ev["val_loss"] - train["final_val_loss"]) < 1e-3  # evaluate_val reproduces the trainer
     assert (repo.path / "metrics/val_curve.png").read_bytes()[:4] == b"\x89PNG"
     hf = repo.path / "models/hf"
-    assert {"model.safetensors", "config.json", "README.md", "vocab.json", "merges.txt"} <= {
+    assert {"model.safetensors", "config.json", "README.md", "vocab.json", "merges.txt", "model.py"} <= {
         p.name for p in hf.iterdir()}
+    assert train["recipe"] == "record" and train["steps"] == 4
     assert "Data and pipelines are up to date" in run_dvc(repo, "status").stdout
     repo.commit("baseline run")
 
     # a second experiment: a different learning rate changes training and everything after it
-    proc = run_dvc(repo, "exp", "run", "-n", "lower-lr", "-S", "train.muon_lr=0.02", timeout=600)
+    proc = run_dvc(repo, "exp", "run", "-n", "lower-lr", "-S", "record.muon_lr=0.02", timeout=600)
     assert "Running stage 'train_speedrun'" in proc.stdout
     assert "Running stage 'download'" not in proc.stdout  # data stages are cached
 
     diff = run_dvc(repo, "params", "diff").stdout
-    assert "train.muon_lr" in diff and "0.05" in diff and "0.02" in diff
+    assert "record.muon_lr" in diff and "0.023" in diff and "0.02" in diff
     shown = run_dvc(repo, "metrics", "show").stdout
     assert "metrics/eval.json" in shown and "metrics/train.json" in shown and "val_loss" in shown
     mdiff = run_dvc(repo, "metrics", "diff").stdout  # baseline vs the experiment, side by side
@@ -49,5 +52,5 @@ def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     rows = [line.split(" | ") for line in board.splitlines() if line.startswith("| ") and "---" not in line]
     names = [r[1] for r in rows[1:]]
     assert "lower-lr" in names and len(names) == 2  # the baseline commit and the experiment
-    assert any("train.muon_lr=0.02" in r[2] for r in rows[1:])
+    assert any("record.muon_lr=0.02" in r[2] for r in rows[1:])
     assert (repo.path / "metrics/leaderboard.png").read_bytes()[:4] == b"\x89PNG"
