@@ -212,13 +212,20 @@ class RecordRun(Run):
             raise SpeedrunError(f"train shards hold {have:,} tokens but {self.n_steps} steps of the record's "
                                 f"schedule train on {need - 1:,} (more: documents are cut to the batch): "
                                 "download more (download.max_tokens)")
-        val = sum(read_header(q) for q in self.val_paths)
-        if val < self.p.val_tokens + 2:
-            raise SpeedrunError(f"validation shards hold {val:,} tokens, fewer than train.val_tokens + 2 "
-                                f"({self.p.val_tokens + 2:,}): lower train.val_tokens or raise tokenize.val_tokens")
-        if self.p.val_tokens % (self.r.val_chunk_tokens * self.world):
+        unit = self.r.val_chunk_tokens * self.world
+        if self.p.val_tokens % unit:
             raise ParamError(f"train.val_tokens ({self.p.val_tokens:,}) must be a multiple of "
                              f"record.val_chunk_tokens ({self.r.val_chunk_tokens:,}) x processes ({self.world})")
+        val = sum(read_header(q) for q in self.val_paths)
+        if val < self.p.val_tokens + 2:
+            # a smaller validation split (a local corpus): all of it that fills whole chunks
+            fit = (val - 2) // unit * unit
+            if fit <= 0:
+                raise SpeedrunError(f"validation shards hold {val:,} tokens, less than one validation chunk "
+                                    f"({unit:,}): lower record.val_chunk_tokens or raise tokenize.val_tokens")
+            self.log(f"validation: the split holds {val:,} tokens, so each validation reads {fit:,} of them "
+                     f"(train.val_tokens asks for {self.p.val_tokens:,})")
+            self.p = dataclasses.replace(self.p, val_tokens=fit)
 
     def _build(self):
         r = self.r
