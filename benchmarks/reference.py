@@ -96,11 +96,20 @@ def get_kernel(name, version=None):
 # Eager execution of the reference (the record itself always runs compiled): its in-place shift of
 # the keys (`k[:, 1:] = k[:, :-1]`) overlaps itself, which compiled code treats as a shift and eager
 # code as a smear; `.clone()` gives eager the compiled meaning.
-# Likewise its per-layer FP8 scales are 4-byte slices of one buffer: cuBLAS needs 16-byte aligned
-# scale pointers (pytorch/pytorch#159957), which compiled code gets from copies; eager gets `.clone()`.
+# Its FP8 head's backward returns 9 gradients for 10 inputs, which compiled code tolerates and eager
+# autograd rejects: one more None.
 EAGER_PATCHES = [
     ("k[:, 1:, :, self.head_dim // 2:] = k[:, :-1, :, self.head_dim // 2:]",
      "k[:, 1:, :, self.head_dim // 2:] = k[:, :-1, :, self.head_dim // 2:].clone()"),
+]
+EAGER_KERNEL_PATCHES = [   # triton_kernels.py
+    ("        return grad_x, None, None, None, None, grad_w, None, None, None",
+     "        return grad_x, None, None, None, None, grad_w, None, None, None, None"),
+]
+# Its per-layer FP8 scales are 4-byte slices of one buffer, and cuBLAS here (torch 2.11, CUDA 13)
+# rejects scale pointers that are not 16-byte aligned (pytorch/pytorch#159957): CUBLAS_STATUS_NOT_
+# SUPPORTED in the MLP's down projection, eager and compiled alike. `.clone()` (same values) fixes it.
+CUBLAS_PATCHES = [
     ("mlp_down_proj_scales = [self._mlp_down_proj_scales[i:i+1] for i in range(12)]",
      "mlp_down_proj_scales = [self._mlp_down_proj_scales[i:i+1].clone() for i in range(12)]"),
     ("                    self._mlp_down_act_scales[i:i+1],\n",
@@ -220,9 +229,12 @@ def load_reference(ref_dir: Path, run_dir: Path, device: torch.device, eager: bo
     """The reference's module code (above `# int main`) as a module object."""
     cpu = device.type == "cpu"
     run_dir = stage_reference(ref_dir, run_dir, cpu)
+    if eager and not cpu:
+        kernels = run_dir / "triton_kernels.py"
+        kernels.write_text(_patch(kernels.read_text(), EAGER_KERNEL_PATCHES))
     src = (run_dir / "train_gpt.py").read_text()
     src = src[:src.index(MAIN_MARKER)]
-    patches = (CPU_PATCHES if cpu else []) + (EAGER_PATCHES if eager else [])
+    patches = (CPU_PATCHES if cpu else CUBLAS_PATCHES) + (EAGER_PATCHES if eager else [])
     src = _patch(src, patches)
     os.environ.update(reference_env(data_path))
     if cpu:
@@ -746,7 +758,7 @@ def launch_reference_curve(ref_dir: Path, root: Path, shards: Path, seed: int, s
 
     run_dir = stage_reference(ref_dir, root / f"ref-seed{seed}", cpu=False)
     src = _patch((run_dir / "train_gpt.py").read_text(),
-                 EAGER_PATCHES[:0] + curve_patches(seed, steps, every, val_tokens, init_path))
+                 CUBLAS_PATCHES + curve_patches(seed, steps, every, val_tokens, init_path))
     (run_dir / "train_gpt.py").write_text(src)
     data = run_dir / "data" / "fineweb10B"
     data.mkdir(parents=True, exist_ok=True)
@@ -897,7 +909,9 @@ def main() -> None:
     t0 = time.time()
     meta = {"reference_commit": REF_COMMIT, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "torch": torch.__version__, "patches": ["kernels: FlashAttention-3 -> torch varlen_attn"]
-            + (["eager: .clone() in the key shift and of the FP8 scale slices"] if "forward" in checks else [])
+            + (["cuBLAS: .clone() of the FP8 scale slices (16-byte alignment)"] if cuda else [])
+            + (["eager: .clone() in the key shift; the FP8 head's backward returns one more None"]
+               if "forward" in checks else [])
             + ([f"cpu: {old[:50]!r} -> {new[:50]!r}" for old, new, *_ in CPU_PATCHES] if not cuda else [])}
     print(json.dumps(meta), flush=True)
 

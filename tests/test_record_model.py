@@ -199,3 +199,26 @@ def test_adam_on_odd_steps_sums_gradients_and_unties_the_embedding():
     params["embed"].grad = torch.full_like(params["embed"], -1e-3)
     opt.step(1.0, 0.9, adam=True)
     assert not torch.equal(params["embed"], params["lm_head"].t())   # apart now
+
+
+def test_fp8_steps_keep_no_graph_across_steps_and_update_the_delayed_scales():
+    """The FP8 path (CPU _scaled_mm here): two training steps in a row. The delayed activation
+    scales are written inside the forward; no autograd history may reach them, or the second
+    backward would run into the first step's freed graph."""
+    model = build(TINY, torch.device("cpu"), fp8=True, seed=5)
+    model.fill_prefix_table()
+    opt = NorMuonAdam(model)
+    x, y, bg, cu = _tensors(_batch(T=128, every=40))
+    model.set_windows(128, 256)
+    scales = []
+    for step in range(2):
+        m = model.masks(cu, x.numel())
+        h = model.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, True)
+        losses = model.train_losses(h, y, torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.25]), True)
+        (losses.sum() * GRAD_SCALE).backward()
+        opt.step(1.0, 0.85, adam=step % 2 == 1)
+        model.refresh_fp8(bootstrap=step < 16)
+        assert model._mlp_down_act_scales.grad_fn is None and not model._mlp_down_act_scales.requires_grad
+        scales.append(model._mlp_down_act_scales.clone())
+        assert torch.isfinite(losses).all()
+    assert not torch.equal(scales[0][:11], torch.ones(11))   # set from the activations' amax

@@ -341,9 +341,11 @@ class RecordGPT(nn.Module):
                 x = resid_mlp[i] * x + post_mlp[i] * out
             if i in CACHED:
                 cache[i] = x
-        if fp8:   # the next forward's activation scales (delayed scaling)
-            new = torch.stack(amaxes).clamp(min=1e-12) * (ACT_HEADROOM / E4M3_MAX)
-            self._mlp_down_act_scales[:L].copy_(new)
+        if fp8:   # the next forward's activation scales (delayed scaling); no autograd history may
+            # reach the buffer, or the next step's graph would hang on to this one's
+            new = torch.stack(amaxes).detach().clamp(min=1e-12) * (ACT_HEADROOM / E4M3_MAX)
+            with torch.no_grad():
+                self._mlp_down_act_scales[:L].copy_(new)
         mu = self._mudd(x, 1)
         ve_layer1 = ve[VALUE_EMBED[1]][None].to(x.dtype)
         x = x + mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * cache[9] + mu[3] * ve_layer1 + mu[4] * cache[3]
