@@ -31,8 +31,6 @@ Checks (each prints PASS/FAIL and is shown failing once on a deliberately change
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import math
 import os

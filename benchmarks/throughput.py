@@ -276,7 +276,6 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
                     log=lambda msg, **_: progress(msg))
     device = run.device
     peak_tflops = measure_bf16_tflops(device)
-    t0 = time.perf_counter()
     run._build()
     warmup_s = run.warmup()
     progress(f"{name}: warm-up {warmup_s:.1f}s")

@@ -38,7 +38,6 @@ def from_checkpoint(path: Path, device: torch.device, max_len: int) -> Generator
     state = ckpt.load(path)
     if state.get("recipe") == "record":
         from .record.evaluate import model_from_state
-        from .tokenizer import get_encoding
 
         rmodel = model_from_state(state, device, str(path), rows=max(int(state["config"]["max_seq_len"]),
                                                                      _round_up(max_len)))

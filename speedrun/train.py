@@ -716,7 +716,6 @@ class Run:
         return bool(flag.item())
 
     def _report(self, pending, clock, live) -> float:
-        p = self.p
         step, loss_t = pending
         loss = loss_t.item()   # the step before the one just queued: already done, no stall
         if not math.isfinite(loss):

@@ -44,13 +44,19 @@ class FP8State:
         self.w2 = self.w2_storage.transpose(1, 2)
 
     @torch.no_grad()
-    def refresh(self, bank: Tensor, w2_scales: Tensor, w2_next: Tensor, bootstrap: bool) -> None:
-        """Re-quantize after an optimizer step. bank [layers, 2, hidden, dim] (W1, W2)."""
+    def quantize_up(self, bank: Tensor) -> None:
+        """W1 per layer, scaled by its current amax (computed in the weights' dtype, as the record)."""
         n = bank.size(0)
         up = bank[:, 0]
         s = up.reshape(n, -1).abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX
         self.w1_scales.copy_(s.float())
         self.w1.copy_((up / s.view(n, 1, 1)).to(torch.float8_e4m3fn))
+
+    @torch.no_grad()
+    def refresh(self, bank: Tensor, w2_scales: Tensor, w2_next: Tensor, bootstrap: bool) -> None:
+        """Re-quantize after an optimizer step. bank [layers, 2, hidden, dim] (W1, W2)."""
+        n = bank.size(0)
+        self.quantize_up(bank)
         down = bank[:, 1]
         if bootstrap:   # the current scale, in the weights' dtype as the record computes it
             w2_next.copy_(down.reshape(n, -1).abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX)

@@ -211,8 +211,7 @@ class RecordGPT(nn.Module):
     def restore_fp8(self) -> None:
         """The FP8 copies a checkpoint's weights were trained with (no new scales)."""
         if self.fp8 is not None:
-            self.fp8.refresh(self.mlp_bank, torch.empty_like(self._mlp_down_proj_scales),
-                             self._mlp_down_proj_scales.clone(), bootstrap=False)
+            self.fp8.quantize_up(self.mlp_bank)
             self.fp8.requantize_down(self.mlp_bank[:, 1], self._mlp_down_proj_scales)
 
     def masks(self, cu_seqlens: Tensor, T: int) -> Masks:

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,10 +28,10 @@ from ..errors import ParamError, SpeedrunError
 from ..metrics import device_name
 from ..params import param
 from ..shards import MANIFEST, load_manifest, shard_paths
-from ..train import Paths, Run, TrainParams, compiled_graphs, fp8_wanted, init_distributed
+from ..train import Paths, Run, TrainParams, fp8_wanted, init_distributed
 from . import schedule as sch
 from .loader import DocumentBatches, ValidationChunks
-from .model import GRAD_SCALE, RecordConfig, RecordGPT, build, flops_per_token, param_count
+from .model import GRAD_SCALE, RecordConfig, build, flops_per_token, param_count
 from .optimizer import Hyper, NorMuonAdam
 
 FORMAT = "record-1"
