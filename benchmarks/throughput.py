@@ -350,11 +350,16 @@ def table(rows: list[dict], baseline: str = BASELINE) -> str:
         lines.append(
             f"| {r['variant']} | {r['tokens_per_s_start'] / 1e3:.0f}k | {r['tokens_per_s_middle'] / 1e3:.0f}k "
             f"| {r['tokens_per_s_end'] / 1e3:.0f}k | **{r['tokens_per_s_schedule_mean'] / 1e3:.0f}k** "
-            f"| {r.get('tokens_per_s_schedule_median_steps', float('nan')) / 1e3:.0f}k "
+            f"| {_k(r.get('tokens_per_s_schedule_median_steps'))} "
             f"| {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_warmup_s']:.0f} "
             f"| {r['recompiles_after_warmup']} |"
             + (f" {r['tokens_per_s_schedule_mean'] / base['tokens_per_s_schedule_mean']:.2f} |" if base else ""))
     return "\n".join(lines)
+
+
+def _k(rate: float | None) -> str:
+    """Thousands of tokens/s, or a dash where the variant has no such figure."""
+    return "—" if rate is None else f"{rate / 1e3:.0f}k"
 
 
 def main() -> None:

@@ -112,3 +112,16 @@ def test_export_and_generate_compute_what_the_checkpoint_computes(runs):
         assert p.returncode == 0, p.stderr[-2000:]
         outs.append(p.stdout)
     assert outs[0] == outs[1] and outs[0].strip()
+
+
+@pytest.mark.parametrize("user_env, expected", [
+    ({}, "expandable_segments:True"),
+    ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, "max_split_size_mb:64"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}, None),
+])
+def test_allocator_setting_is_the_records_unless_the_user_set_one(user_env, expected):
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", "import os, speedrun; print(os.environ.get('PYTORCH_ALLOC_CONF'))"],
+                         env={**env, **user_env}, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(expected)
