@@ -603,15 +603,26 @@ def _act_scales(model) -> torch.Tensor:
 
 
 def check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: int, T: int, val_T: int,
-                  compile_ours: bool) -> bool:
+                  compile_ours: bool, fp8_on: bool = True) -> bool:
     """Loss and gradients of the two models on the same weights and tokens (see the module doc)."""
+    if fp8_on or os.environ.get("DISABLE_FP8"):
+        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on)
+    os.environ["DISABLE_FP8"] = "1"   # read by the reference's model at build and in its forward
+    try:
+        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on)
+    finally:
+        del os.environ["DISABLE_FP8"]
+
+
+def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: int, T: int, val_T: int,
+                   compile_ours: bool, fp8_on: bool) -> bool:
     from speedrun.record import model as our_model
     from speedrun.record.loader import DocumentBatches, ValidationChunks
     from speedrun.record.model import RecordConfig, build
     from speedrun.shards import shard_paths
 
     dev = ref.device
-    fp8 = dev.type == "cuda"
+    fp8 = dev.type == "cuda" and fp8_on
     rm = build_reference_model(ref, seed, max_seq_len)
     rm.prefix_table.copy_(ref.build_prefix_table(rm.vocab_size).to(dev))
     state = perturbed(ref_state(rm), seed + 1)
@@ -881,6 +892,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="micro-batch of the forward check (16384 on GPU)")
     ap.add_argument("--val-tokens", type=int, default=None, help="validation chunk of the forward check")
     ap.add_argument("--no-compile", action="store_true", help="skip our compiled path (CPU development)")
+    ap.add_argument("--no-fp8", action="store_true",
+                    help="forward check in bf16 on both sides (DISABLE_FP8 for the reference): separates FP8 "
+                         "rounding from the rest of the math on the GPU")
     ap.add_argument("--skip-deliberate-optimizer", action="store_true", help="skip the optimizer's failing demo")
     ap.add_argument("--curve-steps", type=int, default=200)
     ap.add_argument("--curve-every", type=int, default=25)
@@ -910,7 +924,8 @@ def main() -> None:
             + (["cuBLAS: .clone() of the FP8 scale slices (16-byte alignment)"] if cuda else [])
             + (["eager: .clone() in the key shift; the FP8 head's backward returns one more None"]
                if "forward" in checks else [])
-            + ([f"cpu: {old[:50]!r} -> {new[:50]!r}" for old, new, *_ in CPU_PATCHES] if not cuda else [])}
+            + ([f"cpu: {old[:50]!r} -> {new[:50]!r}" for old, new, *_ in CPU_PATCHES] if not cuda else [])
+            + (["forward without FP8 on both sides (DISABLE_FP8)"] if args.no_fp8 else [])}
     print(json.dumps(meta), flush=True)
 
     def save():
@@ -941,7 +956,8 @@ def main() -> None:
                  # rotary tables of the trainer's default size (262,144 rows): its compiled graph is reused
                  "forward": lambda: check_forward(ref, Path(args.shards), report, args.seed,
                                                   262144 if cuda else max(max_seq, T), T, max_seq,
-                                                  compile_ours=cuda and not args.no_compile),
+                                                  compile_ours=cuda and not args.no_compile,
+                                                  fp8_on=not args.no_fp8),
                  "optimizer": lambda: check_optimizer(ref, report, args.seed, 4096, compile_ours=not args.no_compile,
                                                       deliberate=not args.skip_deliberate_optimizer)}
         for name in checks:
