@@ -26,10 +26,18 @@ def stage_main(fn):
             return fn(*args, **kwargs)
         except SpeedrunError as e:
             code = getattr(e, "exit_code", 2)  # 130 for a run stopped by a signal after saving
-            print(f"{'interrupted' if code == 130 else 'error'}: {e}", file=sys.stderr)
+            _report(f"{'interrupted' if code == 130 else 'error'}: {e}")
             raise SystemExit(code) from None
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            _report("interrupted")
             raise SystemExit(130) from None
 
     return wrapper
+
+
+def _report(line: str) -> None:
+    """One line on stderr, or, for a rank under speedrun.launch, to the launcher (which prints it once)."""
+    from .launch import record_rank_error
+
+    if not record_rank_error(line):
+        print(line, file=sys.stderr)

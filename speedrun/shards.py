@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,52 @@ def shard_paths(shards_dir: str | os.PathLike, split: str) -> list[Path]:
     if not paths:
         raise DataError(f"no {split} shards in {shards_dir} (neither {MANIFEST} nor *{split}*.bin)")
     return paths
+
+
+def _scan(path: Path, sha256: str | None, vocab_size: int) -> tuple[str | None, int | None]:
+    """One pass over a shard: its sha256 and the position of its first id >= vocab_size."""
+    n = read_header(path)
+    h = hashlib.sha256()
+    bad_at, seen = None, 0
+    with open(path, "rb") as f:
+        h.update(f.read(HEADER_BYTES))
+        while chunk := f.read(1 << 24):   # an even size: chunks never split a token
+            h.update(chunk)               # hashlib and numpy release the GIL: shards scan in parallel
+            ids = np.frombuffer(chunk, dtype=_TOKEN_DTYPE)
+            if bad_at is None and ids.size and int(ids.max()) >= vocab_size:
+                bad_at = seen + int(np.argmax(ids >= vocab_size))
+            seen += ids.size
+    assert seen == n
+    return (h.hexdigest() if sha256 else None), bad_at
+
+
+def verify_shards(shards_dir: str | os.PathLike, vocab_size: int, log=None) -> None:
+    """Before training: each shard's bytes are those tokenize_shards wrote (the manifest's sha256),
+    and every token id indexes the embedding (< vocab_size). DataError naming the first bad shard.
+
+    Reads every byte once, shards in parallel; a memory-mapped loader would otherwise train on a
+    flipped byte silently, or fail on a bad id deep into the run with an unnamed IndexError."""
+    shards_dir = Path(shards_dir)
+    has_manifest = (shards_dir / MANIFEST).exists()
+    manifest = load_manifest(shards_dir) if has_manifest else None
+    jobs = []
+    for split in SPLITS:
+        entries = {e["file"]: e.get("sha256") for e in manifest[split]} if manifest else {}
+        jobs += [(p, entries.get(p.name)) for p in shard_paths(shards_dir, split)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(lambda job: _scan(job[0], job[1], vocab_size), jobs))
+    for (path, want), (got, bad_at) in zip(jobs, results):
+        if want and got != want:
+            raise DataError(f"{path}: contents differ from {MANIFEST} (sha256 {got[:12]}..., listed "
+                            f"{want[:12]}...): the shard changed after tokenize_shards wrote it; "
+                            "re-run `dvc repro -f tokenize_shards`")
+        if bad_at is not None:
+            ids = open_shard(path)
+            raise DataError(f"{path}: token {bad_at:,} has id {int(ids[bad_at])}, outside the vocabulary "
+                            f"of {vocab_size} rows: a corrupted shard or another tokenizer's; "
+                            "re-run `dvc repro -f tokenize_shards`")
+    if log:
+        gb = sum(p.stat().st_size for p, _ in jobs) / 1e9
+        checked = "sha256 and token ids" if has_manifest else "token ids (no manifest: no sha256)"
+        log(f"shards verified ({checked}): {len(jobs)} files, {gb:.2f} GB in {time.perf_counter() - t0:.1f}s")

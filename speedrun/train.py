@@ -33,7 +33,7 @@ from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_to
 from .optimizer import build_optimizers, set_lr
 from .params import multiple_of, param
 from .schedule import BatchSchedule, lr_multiplier, mtp_weights, muon_momentum, window_blocks
-from .shards import MANIFEST, load_manifest, shard_paths
+from .shards import MANIFEST, load_manifest, shard_paths, verify_shards
 
 
 
@@ -201,6 +201,13 @@ def init_distributed() -> tuple[int, int, int]:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
     return rank, world, local
+
+
+def finish_distributed() -> None:
+    """Tear the process group down before exit: a gloo group left to interpreter shutdown can
+    abort its rank ("terminate called without an active exception") after the work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def pick_device(p: TrainParams, local_rank: int) -> torch.device:
@@ -609,6 +616,10 @@ class Run:
             "val_tokens": p.val_tokens, "micro_batch_tokens": p.micro_batch_tokens,
             "fingerprint": self.fingerprint})
 
+    def vocab_rows(self) -> int:
+        """Rows of the token embedding: every id in the shards must index one."""
+        return self.p.vocab_size
+
     def run_flags(self) -> dict:
         p = self.p
         return {"fp8": self.fp8, "fp8_head": self.fp8_head, "fused_ce": p.fused_ce,
@@ -619,6 +630,7 @@ class Run:
     def run(self) -> dict:
         p = self.p
         wall0 = time.perf_counter()
+        verify_shards(self.paths.shards, self.vocab_rows(), log=self.log if self.master else None)
         self.check_data()
         self._build()
         self._window = torch.tensor(1, dtype=torch.int32, device=self.device)

@@ -14,7 +14,7 @@ from speedrun.errors import stage_main
 from speedrun.evaluate import EvaluateParams, evaluate, target_loss
 from speedrun.params import load_section
 from speedrun.plots import plot_curves, read_curve
-from speedrun.train import init_distributed
+from speedrun.train import finish_distributed, init_distributed
 
 
 @stage_main
@@ -30,8 +30,11 @@ def main(argv=None) -> None:
     target = target_loss(Path(args.params), metrics_dir / "train.json")
     rank, world, _ = init_distributed()  # under torchrun the ranks split the validation tokens
     log = print if rank == 0 else (lambda *a, **k: None)
-    result = evaluate(params, Path(args.models) / "final.pt", Path(args.shards), target, log,
-                      rank, world)
+    try:
+        result = evaluate(params, Path(args.models) / "final.pt", Path(args.shards), target, log,
+                          rank, world)
+    finally:
+        finish_distributed()
     if rank != 0:
         return
     write_json(metrics_dir / "eval.json", result)

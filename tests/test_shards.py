@@ -149,3 +149,45 @@ def test_corrupt_manifest(tmp_path, content):
         load_manifest(tmp_path)
     with pytest.raises(DataError, match="manifest.json"):
         shard_paths(tmp_path, "train")
+
+
+def _dataset(tmp_path, ids_train, ids_val):
+    """Shards and a manifest as tokenize_shards writes them."""
+    from speedrun.shards import file_sha256, write_shard
+    entries = {}
+    for split, ids in (("train", ids_train), ("val", ids_val)):
+        path = tmp_path / f"{split}_000000.bin"
+        write_shard(path, np.asarray(ids, dtype=np.uint16))
+        entries[split] = [{"file": path.name, "tokens": len(ids), "sha256": file_sha256(path)}]
+    (tmp_path / "manifest.json").write_text(json.dumps(entries))
+    return tmp_path
+
+
+def test_verify_shards_passes_clean_data_and_says_what_it_checked(tmp_path):
+    from speedrun.shards import verify_shards
+    d = _dataset(tmp_path, np.arange(50_000) % 50257, [1, 2, 3])
+    said = []
+    verify_shards(d, 50304, log=said.append)
+    assert "sha256 and token ids" in said[0] and "2 files" in said[0]
+
+
+def test_verify_shards_names_a_shard_whose_bytes_changed(tmp_path):
+    from speedrun.shards import verify_shards
+    d = _dataset(tmp_path, np.arange(1000) % 50257, [1, 2, 3])
+    raw = bytearray((d / "train_000000.bin").read_bytes())
+    raw[HEADER_BYTES + 2 * 500] ^= 0x01            # still a valid id: only the hash can tell
+    (d / "train_000000.bin").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"train_000000\.bin: contents differ from manifest\.json"):
+        verify_shards(d, 50304)
+
+
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_verify_shards_names_the_first_id_outside_the_vocabulary(tmp_path, with_manifest):
+    from speedrun.shards import verify_shards
+    ids = np.arange(3000) % 50257
+    ids[1234], ids[2000] = 60000, 65535
+    d = _dataset(tmp_path, [5, 6], ids)            # the validation split is checked too
+    if not with_manifest:                          # foreign shards: ids only
+        (d / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"val_000000\.bin: token 1,234 has id 60000, outside the vocabulary of 50304"):
+        verify_shards(d, 50304)

@@ -406,5 +406,8 @@ class RecordRun(Run):
                 "val_tokens": self.p.val_tokens, "val_chunk_tokens": self.r.val_chunk_tokens,
                 "fingerprint": self.fingerprint}
 
+    def vocab_rows(self) -> int:
+        return RecordConfig.vocab_size
+
     def run_flags(self) -> dict:
         return {"fp8": self.fp8, "micro_batch_tokens": self.T or "record eighths"}
