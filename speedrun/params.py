@@ -7,6 +7,7 @@ typo in `dvc exp run -S train.lr=...` fails at stage start, not an hour into a r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -40,7 +41,10 @@ def load_yaml(path: str | Path = DEFAULT_PATH) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ParamError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamError(f"{path} is not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ParamError(f"{path} must hold a mapping of stage sections")
     return data
@@ -118,8 +122,10 @@ def parse_section(raw: dict | None, section: str, cls: type[T]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ParamError(f"params.yaml: unknown key {section}.{unknown[0]} "
-                         f"(known: {', '.join(sorted(fields))})")
+        close = difflib.get_close_matches(unknown[0], fields, n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(f'{section}.{c}' for c in close)}?" if close
+                else f"the {len(fields)} keys of {section} are documented in params.yaml")
+        raise ParamError(f"params.yaml: unknown key {section}.{unknown[0]} ({hint})")
     kwargs = {}
     for name, f in fields.items():
         key = f"{section}.{name}"

@@ -620,3 +620,18 @@ def test_stack_compile_is_the_same_model_in_one_graph(monkeypatch):
     for (name, p), q in zip(eager.named_parameters(), model.parameters()):
         assert torch.allclose(q.grad, p.grad, atol=1e-5, rtol=1e-3), name
     torch._dynamo.reset()
+
+
+def test_params_errors_point_at_the_line_and_the_likely_key(tmp_path):
+    from speedrun.errors import ParamError
+    from speedrun.params import load_yaml, parse_section
+    from speedrun.train import TrainParams
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  steps: 10\n  window_end: [1792\n")
+    with pytest.raises(ParamError, match=r"not valid YAML at line 4, column 1: expected ',' or ']'"):
+        load_yaml(bad)
+    with pytest.raises(ParamError, match=r"unknown key train.muon_lrr \(did you mean train.muon_lr( or [a-z_.]+)*\?\)$"):
+        parse_section({"train": {"muon_lrr": 0.1}}, "train", TrainParams)
+    with pytest.raises(ParamError, match=r"unknown key train.qqq \(the \d+ keys of train are documented"):
+        parse_section({"train": {"qqq": 0.1}}, "train", TrainParams)
