@@ -47,7 +47,16 @@ def measure_bf16_tflops(device: torch.device, n: int = 8192, iters: int = 10) ->
     return 2 * n ** 3 * iters / seconds / 1e12
 
 
+def peak_host_memory_gib() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB): on CPU, the figure
+    that matters; on a GPU, the host side (pinned batches, the data's page cache excluded)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def peak_memory_gib(device: torch.device) -> tuple[float | None, float | None]:
+    """Peak GPU memory, allocated and reserved; (None, None) off CUDA (see peak_host_memory_gib)."""
     if device.type != "cuda":
         return None, None
     return (torch.cuda.max_memory_allocated(device) / 2 ** 30,

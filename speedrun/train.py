@@ -28,7 +28,7 @@ from .evaluate import evaluate_loss
 from .loader import BatchLoader, TokenStream
 from .mlp import kernels_run_on
 from .metrics import (Stopwatch, device_name, fmt_duration, fmt_rate, git_commit,
-                      measure_bf16_tflops, peak_memory_gib)
+                      measure_bf16_tflops, peak_host_memory_gib, peak_memory_gib)
 from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
 from .optimizer import build_optimizers, set_lr
 from .params import multiple_of, param
@@ -823,6 +823,7 @@ class Run:
             "matmul_peak_tflops": round(peak_tflops, 1) if peak_tflops else None,
             "peak_memory_gib": round(mem_alloc, 3) if mem_alloc is not None else None,
             "peak_memory_reserved_gib": round(mem_reserved, 3) if mem_reserved is not None else None,
+            "peak_host_memory_gib": round(peak_host_memory_gib(), 3),
             "gpu": device_name(self.device),
             "world_size": self.world,
             "profile": p.profile,
