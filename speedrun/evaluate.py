@@ -9,12 +9,14 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .errors import DataError, ParamError, SpeedrunError
@@ -27,7 +29,7 @@ from .shards import MANIFEST, load_manifest, shard_paths
 @torch.no_grad()
 def evaluate_loss(model, stream: TokenStream, n_tokens: int, micro_tokens: int,
                   window_blocks: torch.Tensor, device: torch.device,
-                  rank: int = 0, world: int = 1) -> float:
+                  rank: int = 0, world: int = 1, progress=None) -> float:
     """Mean next-token cross-entropy over stream[0 : n_tokens] (targets up to n_tokens + 1).
 
     Every micro-batch holds micro_tokens predictions, so the mean of micro-batch means is the
@@ -41,6 +43,8 @@ def evaluate_loss(model, stream: TokenStream, n_tokens: int, micro_tokens: int,
     for s in starts:
         toks = torch.from_numpy(stream.read(s, micro_tokens + 1, out=buf)).to(device, non_blocking=False)
         total += model(toks[:-1], toks[1:].long(), window_blocks).double()
+        if progress is not None:
+            progress(micro_tokens)
     count = torch.tensor(float(len(starts)), device=device, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(total)
@@ -121,6 +125,10 @@ def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None,
     state = ckpt.load(final)
     p = p.resolve(state)
     device = pick_device(p.device)
+    # this rank's share of the tokens; the bar moves as chunks are queued (a GPU keeps pace: each
+    # chunk's copy to the device waits for it)
+    bar = tqdm(total=p.val_tokens // world, unit="tok", unit_scale=True, desc="evaluate", leave=False,
+               disable=rank != 0, mininterval=1.0, file=sys.stderr)
     stream = TokenStream(shard_paths(shards, "val"))
     manifest = load_manifest(shards) if (shards / MANIFEST).exists() else None
     if state.get("recipe") == "record":
@@ -138,7 +146,7 @@ def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None,
         window_tokens = int(state["windows"][1])
         t0 = time.perf_counter()
         loss = record_loss(model, shards, p.val_tokens, micro, device, device.type == "cuda" and p.compile,
-                           rank, world)
+                           rank, world, progress=lambda _n: bar.update(micro))
         same_setup = p.val_tokens == state.get("val_tokens") and micro == state.get("val_chunk_tokens")
     else:
         # rotary tables are sized to the trainer's micro-batch; they are not weights, so a longer
@@ -154,10 +162,12 @@ def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None,
         window = torch.tensor(int(state["window_blocks"]), dtype=torch.int32, device=device)
         micro, window_tokens = p.micro_batch_tokens, int(state["window_blocks"]) * BLOCK_SIZE
         t0 = time.perf_counter()
-        loss = evaluate_loss(model, stream, p.val_tokens, p.micro_batch_tokens, window, device, rank, world)
+        loss = evaluate_loss(model, stream, p.val_tokens, p.micro_batch_tokens, window, device, rank, world,
+                             progress=bar.update)
         same_setup = (p.val_tokens == state.get("val_tokens")
                       and p.micro_batch_tokens == state.get("micro_batch_tokens"))
     runtime = time.perf_counter() - t0  # .item() inside synchronised the device
+    bar.close()
     metrics = {
         "val_loss": round(loss, 6),
         "perplexity": round(math.exp(loss), 4) if loss < 700 else None,
