@@ -146,11 +146,24 @@ LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muo
                      "mtp_weights": [], "n_kv_head": 0, "key_offset": False, "backout_layer": -1, "ve_gates": False}
 
 
+# ...and its run length and validation size, where params.yaml leaves the GPU run's (a full
+# validation split is minutes of CPU per pass): both recipes; an explicit value is kept
+CPU_TINY_RUN = dict(steps=20, val_tokens=8192)
+
+
+def tiny_run_sizes(p: TrainParams) -> TrainParams:
+    if p.profile != "cpu-tiny":
+        return p
+    default = TrainParams()
+    return dataclasses.replace(p, **{k: v for k, v in CPU_TINY_RUN.items() if getattr(p, k) == getattr(default, k)})
+
+
 def effective(p: TrainParams) -> TrainParams:
     if p.profile != "cpu-tiny":
         return p
     # the tiny model has 2 blocks: a backout (if on) takes the first one's output
-    return dataclasses.replace(p, **CPU_TINY, backout_layer=min(p.backout_layer, CPU_TINY["n_layer"] - 2))
+    return tiny_run_sizes(dataclasses.replace(p, **CPU_TINY,
+                                              backout_layer=min(p.backout_layer, CPU_TINY["n_layer"] - 2)))
 
 
 def batch_schedule(p: TrainParams, world: int = 1) -> BatchSchedule:
@@ -845,5 +858,6 @@ class Run:
                        f"({metrics['tokens_to_target']:,} tokens)" if target else
                        f"did NOT reach {p.target_val_loss} (final val_loss {final_val})")
             self.log(f"done: {verdict} | {fmt_rate(tok_s)} tok/s | compile {metrics['compile_time_s']:.1f}s"
-                     f" | peak memory {metrics['peak_memory_gib']} GiB")
+                     + (f" | peak GPU memory {metrics['peak_memory_gib']:.1f} GiB" if metrics["peak_memory_gib"]
+                        else f" | peak memory {metrics['peak_host_memory_gib']:.1f} GiB (process)"))
         return metrics

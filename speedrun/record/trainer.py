@@ -28,7 +28,7 @@ from ..errors import ParamError, SpeedrunError
 from ..metrics import device_name
 from ..params import param
 from ..shards import MANIFEST, load_manifest, shard_paths
-from ..train import Paths, Run, TrainParams, fp8_wanted, init_distributed
+from ..train import Paths, Run, TrainParams, fp8_wanted, tiny_run_sizes, init_distributed
 from . import schedule as sch
 from .loader import DocumentBatches, ValidationChunks
 from .model import GRAD_SCALE, RecordConfig, build, flops_per_token, param_count
@@ -170,7 +170,7 @@ class Staging:
 class RecordRun(Run):
     def __init__(self, params: TrainParams, record: RecordParams, paths: Paths, log=print,
                  init_state: dict | None = None, stop_at: int | None = None):
-        self.p = params if params.profile != "cpu-tiny" else dataclasses.replace(params, compile=False)
+        self.p = params if params.profile != "cpu-tiny" else tiny_run_sizes(dataclasses.replace(params, compile=False))
         self.r = effective(record, params.profile)
         self.paths = paths
         self.rank, self.world, local = init_distributed()
