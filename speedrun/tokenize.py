@@ -185,8 +185,6 @@ def tokenize_shards(p: TokenizeParams, raw_dir: str | os.PathLike = "data/raw",
             if split == "val":
                 k = len(n_tokens)
             else:
-                if explicit_val and writers["val"].tokens < p.val_tokens:  # fail before training data
-                    raise _too_small(what, writers["val"].tokens, docs["val"], p)
                 need = 0 if explicit_val else p.val_tokens - writers["val"].tokens
                 k = _docs_to_fill(n_tokens, need) if need > 0 else 0
             cut = int(n_tokens[:k].sum())
@@ -197,7 +195,15 @@ def tokenize_shards(p: TokenizeParams, raw_dir: str | os.PathLike = "data/raw",
             val_bytes += int(n_bytes[:k].sum())
             text_bytes += int(n_bytes.sum())
             bar.update(int(n_bytes.sum()))
-    if writers["val"].tokens < p.val_tokens:
+    if explicit_val:
+        # the corpus's own split, whatever its size: the trainer and evaluate_val validate on as
+        # much of it as fills whole chunks (tokenize.val_tokens sizes a held-out split only)
+        if writers["val"].tokens == 0:
+            raise DataError(f"{what} hold no tokens: check download.local_val_globs")
+        if writers["val"].tokens < p.val_tokens:
+            print(f"validation split: the {writers['val'].tokens:,} tokens of {what.split(' of ')[1]} "
+                  f"(fewer than tokenize.val_tokens={p.val_tokens:,}, which sizes held-out splits only)")
+    elif writers["val"].tokens < p.val_tokens:
         raise _too_small(what, writers["val"].tokens, docs["val"], p)
     if writers["train"].tokens == 0:
         raise DataError(f"corpus too small: no training documents left after holding out "
