@@ -761,24 +761,58 @@ def curve_patches(seed: int, steps: int, every: int, val_tokens: int, init_path:
     ]
 
 
-def launch_reference_curve(ref_dir: Path, root: Path, shards: Path, seed: int, steps: int, every: int,
-                           val_tokens: int, init_path: Path | None) -> tuple[subprocess.Popen, Path]:
+def throughput_patches(steps: int, settle: int) -> list[tuple]:
+    """The reference's main section as a throughput run: its own warm-up (timed), then `settle` +
+    `steps` steps at the start of each of its three batch stages, each step's end marked by a CUDA
+    event (no host sync between steps, as its own loop), no validation. Prints REF_WARMUP_S and
+    REF_STEP_MS [[step, ms], ...] for benchmarks.throughput."""
+    return [
+        ("args = Hyperparameters()\n", "args = Hyperparameters()\nargs.val_loss_every = 0\n"),
+        ('print0(f"Sampling steps {warmup_steps} for warmup", console=True)\n',
+         'print0(f"Sampling steps {warmup_steps} for warmup", console=True)\n_t_warm = time.perf_counter()\n'),
+        ('print0("Resetting Model", console=True)\n',
+         'torch.cuda.synchronize()\nprint(f"REF_WARMUP_S {time.perf_counter() - _t_warm:.2f}", flush=True)\n'
+         'print0("Resetting Model", console=True)\n'),
+        ("for step in range(train_steps + 1):\n",
+         f"_marks = []\nfor step in [s + k for s in [0, *training_manager.get_transition_steps()][:3] "
+         f"for k in range({settle + steps})]:\n"),
+        ('    approx_training_time_ms = training_time_ms + 1000 * (time.perf_counter() - t0)\n'
+         '    print0(f"step:{step+1}/{train_steps} train_time:{approx_training_time_ms:.0f}ms step_avg:{approx_training_time_ms/(step + 1):.2f}ms", console=True)\n',
+         "    _marks.append((step, torch.cuda.Event(enable_timing=True)))\n    _marks[-1][1].record()\n"),
+        ("\nif args.run_evals:\n",
+         "\ntorch.cuda.synchronize()\nimport json as _json\n"
+         "print('REF_STEP_MS ' + _json.dumps([[b[0], a[1].elapsed_time(b[1])] for a, b in zip(_marks, _marks[1:])]), flush=True)\n"
+         "\nif args.run_evals:\n"),
+    ]
+
+
+def launch_reference_script(ref_dir: Path, run_dir: Path, shards: Path, patches: list[tuple],
+                            log: Path | None = None) -> tuple[subprocess.Popen, Path]:
+    """The reference's train_gpt.py, patched, as its own process over our shards (linked under the
+    names it globs)."""
     from speedrun.shards import shard_paths
 
-    run_dir = stage_reference(ref_dir, root / f"ref-seed{seed}", cpu=False)
-    src = _patch((run_dir / "train_gpt.py").read_text(),
-                 CUBLAS_PATCHES + curve_patches(seed, steps, every, val_tokens, init_path))
+    run_dir = stage_reference(ref_dir, run_dir, cpu=False)
+    src = _patch((run_dir / "train_gpt.py").read_text(), CUBLAS_PATCHES + patches)
     (run_dir / "train_gpt.py").write_text(src)
     data = run_dir / "data" / "fineweb10B"
     data.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         for i, f in enumerate(shard_paths(shards, split)):
             (data / f"fineweb_{split}_{i:06d}.bin").symlink_to(f.resolve())
+    from speedrun.tokenizer import ensure_offline_cache
+    ensure_offline_cache()
     env = {**os.environ, **reference_env(run_dir)}
-    log = run_dir / "stdout.log"
+    log = log or run_dir / "stdout.log"
     proc = subprocess.Popen([sys.executable, "train_gpt.py"], cwd=run_dir, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return proc, log
+
+
+def launch_reference_curve(ref_dir: Path, root: Path, shards: Path, seed: int, steps: int, every: int,
+                           val_tokens: int, init_path: Path | None) -> tuple[subprocess.Popen, Path]:
+    return launch_reference_script(ref_dir, root / f"ref-seed{seed}", shards,
+                                   curve_patches(seed, steps, every, val_tokens, init_path))
 
 
 def parse_reference_curve(log: Path) -> dict[int, float]:

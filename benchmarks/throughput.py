@@ -35,6 +35,10 @@ VARIANTS = {
     "record": {"recipe": "record"},
     "record_eighths": {"recipe": "record", "micro_batch_tokens": 0},   # the record's own micro-batches (memory!)
     "record_bf16": {"recipe": "record", "fp8": "off"},
+    # the default on the code paths a compute-capability-8.9 card (RTX 4090) takes, under its 24 GB
+    "record_sm89": {"recipe": "record", "emulate": "sm89"},
+    # the record's own code (.reference/, fetched by benchmarks.reference) on the same synthetic tokens
+    "reference": {"recipe": "reference"},
     # the previous recipe (train.recipe: classic): overrides of params.yaml's train section
     "classic": {},
     "default": {},
@@ -251,6 +255,72 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
     return result
 
 
+# RTX 4090: compute capability 8.9, 24,564 MiB of which the CUDA context and the driver keep ~0.5 GiB
+SM89 = {"capability": (8, 9), "memory_cap_gib": 23.5}
+SM89_SHARED_MEMORY_PER_BLOCK = 101376   # bytes a block may opt into on 8.9 (99 KiB; 227 KiB on Hopper)
+_TRITON_SHARED: dict[str, int] = {}     # every Triton kernel compiled in this process -> its shared memory
+
+
+def record_triton_shared_memory() -> None:
+    """Note each Triton kernel's shared memory as it is loaded, so an emulated 8.9 run can name the
+    kernels a real 8.9 card could not launch (the one limit the emulation cannot impose)."""
+    try:
+        from triton.compiler.compiler import CompiledKernel
+    except ImportError:
+        return
+    init = CompiledKernel.__init__
+
+    def wrapped(self, *a, **k):
+        init(self, *a, **k)
+        try:
+            _TRITON_SHARED[self.name] = max(_TRITON_SHARED.get(self.name, 0), int(self.metadata.shared))
+        except (AttributeError, TypeError, ValueError):
+            pass
+    CompiledKernel.__init__ = wrapped
+
+
+def shared_memory_report(limit: int) -> dict:
+    over = {n: b for n, b in sorted(_TRITON_SHARED.items(), key=lambda kv: -kv[1]) if b > limit}
+    return {"triton_kernels_seen": len(_TRITON_SHARED),
+            "max_shared_memory_bytes": max(_TRITON_SHARED.values(), default=0),
+            "kernels_over_sm89_shared_memory": over}
+
+
+def emulate_capability(capability: tuple[int, int], memory_cap_gib: float) -> dict:
+    """Make this process take the code paths a card of `capability` would, under its memory.
+
+    Every capability check of this project, torch's FlexAttention and Inductor's tile choices go
+    through torch.cuda.get_device_capability (and the properties' major/minor), so answering
+    `capability` there picks that card's kernels and tiles. Not emulated: the card's smaller
+    shared memory per block (99 KiB on 8.9 against 227 KiB here) and its bandwidth; the kernels
+    still compile for this GPU's architecture."""
+    import torch
+
+    real = torch.cuda.get_device_capability()
+    torch.cuda.get_device_capability = lambda device=None: capability
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
+    record_triton_shared_memory()
+    return {"emulated_capability": list(capability), "real_capability": list(real),
+            "memory_cap_gib": memory_cap_gib, "paths": selected_paths(torch.device("cuda"))}
+
+
+def selected_paths(device) -> dict:
+    """Which implementation each capability-dependent part of the trainer picks on `device`."""
+    from speedrun.mlp import tma_capable
+    from speedrun.train import fp8_wanted
+
+    return {"fp8_matmuls": fp8_wanted("auto", device, "fp8"),   # record: MLP + head; classic: head + MLP
+            "tma_mlp_kernels": tma_capable(device)}             # classic recipe's fused MLP kernels
+
+
+def record_shards(root: Path, batches: list[int], steps: int, settle: int) -> Path:
+    """The same synthetic tokens for our record run and the reference's: every timed and settling
+    step of the three stages, a margin for document-aligned batches, the reference's warm-up
+    (about 14 steps of up to 393k tokens) and its 2.1M-token validation batch."""
+    return synthetic_shards(root, int(1.5 * (settle + steps) * sum(batches)) + 6 * 10**6, 2_200_000)
+
+
 def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> dict:
     """Tokens/s of the record recipe per batch stage (its micro-batch counts and windows), their
     mean weighted by each stage's share of the run's tokens, a validation pass (the record's
@@ -263,14 +333,14 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
     from speedrun.record.trainer import RecordParams, RecordRun
     from speedrun.train import Paths, TrainParams, compiled_graphs
 
+    emulated = emulate_capability(**SM89) if overrides.get("emulate") == "sm89" else {}
     raw = load_yaml(params_path)
     p = dataclasses.replace(parse_section(raw, "train", TrainParams), recipe="record")
     r = dataclasses.replace(parse_section(raw, "record", RecordParams),
-                            **{k: v for k, v in overrides.items() if k != "recipe"})
+                            **{k: v for k, v in overrides.items() if k not in ("recipe", "emulate")})
     settle = 2
     tmp = Path(tempfile.mkdtemp())
-    batches = r.stage_batch_tokens
-    shards = synthetic_shards(tmp, int(1.2 * (settle + steps) * sum(batches)) + 10**6, 2 * r.val_chunk_tokens + 10)
+    shards = record_shards(tmp, r.stage_batch_tokens, steps, settle)
     p = dataclasses.replace(p, val_tokens=r.val_chunk_tokens)
     run = RecordRun(p, r, Paths(shards, tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
                     log=lambda msg, **_: progress(msg))
@@ -281,7 +351,8 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
     progress(f"{name}: warm-up {warmup_s:.1f}s")
     graphs = compiled_graphs()
     run.begin_steps(0)
-    result = {"variant": name, "recipe": "record", "overrides": overrides, "compile_warmup_s": round(warmup_s, 2)}
+    result = {"variant": name, "recipe": "record", "overrides": overrides, "compile_warmup_s": round(warmup_s, 2),
+              **emulated}
     sched, rates, losses = run.sched, [], {}
     for i, (start, end) in enumerate(sched.boundaries[:3]):
         for k in range(settle):
@@ -325,8 +396,67 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
         "fp8": run.fp8, "micro_batch_tokens": r.micro_batch_tokens,
         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
     })
+    if emulated:
+        result.update(shared_memory_report(SM89_SHARED_MEMORY_PER_BLOCK))
     # the table's columns for the classic recipe's three windows hold the three stages here
     result.update({"tokens_per_s_start": rates[0], "tokens_per_s_middle": rates[1], "tokens_per_s_end": rates[2]})
+    return result
+
+
+def measure_reference(name: str, overrides: dict, steps: int, params_path: str) -> dict:
+    """Tokens/s of the record's own train_gpt.py per batch stage, on the tokens measure_record uses,
+    its stage mean weighted as ours, its own warm-up time and peak memory (its closing line)."""
+    import re
+
+    import torch
+
+    from benchmarks.reference import launch_reference_script, throughput_patches
+    from speedrun.params import load_yaml, parse_section
+    from speedrun.record.trainer import RecordParams
+
+    ref_dir = Path(os.environ.get("REFERENCE_DIR", ".reference/modded-nanogpt"))
+    if not (ref_dir / "train_gpt.py").exists():
+        raise SystemExit(f"no reference at {ref_dir}: fetch it first "
+                         "(python -m benchmarks.reference --fetch URL_OR_GIT_DIR --checks init)")
+    r = parse_section(load_yaml(params_path), "record", RecordParams)
+    settle = 2
+    tmp = Path(tempfile.mkdtemp())
+    shards = record_shards(tmp, r.stage_batch_tokens, steps, settle)
+    t = time.perf_counter()
+    proc, log = launch_reference_script(ref_dir, tmp / "reference", shards, throughput_patches(steps, settle))
+    rc = proc.wait()
+    text = log.read_text()
+    if rc != 0 or "REF_STEP_MS" not in text:
+        progress(f"{name}: reference exited {rc}; log tail:\n{text[-3000:]}")
+        raise SystemExit(f"reference run failed (exit {rc})")
+    step_ms = dict(json.loads(re.search(r"REF_STEP_MS (.*)", text).group(1)))
+    result = {"variant": name, "recipe": "reference", "overrides": overrides,
+              "compile_warmup_s": float(re.search(r"REF_WARMUP_S ([0-9.]+)", text).group(1)),
+              "process_start_to_end_s": round(time.perf_counter() - t, 1)}
+    rates = []
+    starts = [0, 423, 847]   # its stage starts (checked equal to ours: benchmarks.reference schedule)
+    batches = [131072, 262144, 393216]
+    for i, (start, batch) in enumerate(zip(starts, batches)):
+        ms = [step_ms[s] for s in range(start + settle, start + settle + steps)]
+        rate = batch / (sum(ms) / len(ms) / 1e3)
+        rates.append(rate)
+        result[f"step_ms_each_stage{i + 1}"] = [round(m, 1) for m in ms]
+        result[f"tokens_per_s_stage{i + 1}"] = round(rate, 1)
+        progress(f"{name}: stage {i + 1}: {sum(ms) / len(ms):.1f} ms/step, {rate / 1e3:.0f}k tok/s")
+    counts = [423, 424, 438]   # steps per stage, the 15 extension steps in stage 3's batch
+    seconds = sum(n * b / rates[i] for i, (n, b) in enumerate(zip(counts, batches)))
+    mean_rate = sum(n * b for n, b in zip(counts, batches)) / seconds
+    peak = re.search(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB", text)
+    result.update({
+        "tokens_per_s_schedule_mean": round(mean_rate, 1), "projected_train_s": round(seconds, 1),
+        "mfu": float("nan"), "recompiles_after_warmup": "—",
+        "peak_memory_gib": round(int(peak.group(1)) / 1024, 2) if peak else float("nan"),
+        "peak_memory_reserved_gib": round(int(peak.group(2)) / 1024, 2) if peak else float("nan"),
+        "tokens_per_s_start": rates[0], "tokens_per_s_middle": rates[1], "tokens_per_s_end": rates[2],
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "substitutions": "FA3 -> torch varlen_attn; FP8 scale slices cloned (cuBLAS alignment); "
+                         "loop cut to the timed steps; no validation",
+    })
     return result
 
 
@@ -372,7 +502,8 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one variant
     args = ap.parse_args()
     if args.one:
-        measure = measure_record if VARIANTS[args.one].get("recipe") == "record" else measure_variant
+        recipe = VARIANTS[args.one].get("recipe")
+        measure = {"record": measure_record, "reference": measure_reference}.get(recipe, measure_variant)
         print(json.dumps(measure(args.one, VARIANTS[args.one], args.steps, args.params)))
         return
     names = args.variants.split(",")

@@ -146,13 +146,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def tma_capable(device: torch.device) -> bool:
+    """Hopper or newer: the kernels load their tiles through TMA, which older cards (the RTX 4090's
+    8.9 included) lack; there the MLP runs as compiled matmuls + pointwise kernels."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def kernels_run_on(device: torch.device) -> bool:
-    """Hopper or newer (the kernels load through TMA), or Triton's CPU interpreter."""
+    """A TMA-capable GPU, or Triton's CPU interpreter."""
     if triton is None:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return tma_capable(device)
 
 
 def kernels_available(x: Tensor) -> bool:

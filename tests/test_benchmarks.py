@@ -4,6 +4,7 @@ a broken variant's speed out of the results."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 
 import pytest
@@ -101,7 +102,7 @@ def test_every_variant_override_is_a_train_param_or_a_library_switch(monkeypatch
     from benchmarks.switches import SWITCHES, apply_switches
     from speedrun.train import TrainParams
 
-    fields = {f.name for f in dataclasses.fields(TrainParams)} | {"steps_frac"}
+    fields = {f.name for f in dataclasses.fields(TrainParams)} | {"steps_frac", "emulate"}
     for variants in (throughput.VARIANTS, learning.VARIANTS):
         for name, overrides in variants.items():
             unknown = set(overrides) - fields - set(SWITCHES)
@@ -163,6 +164,44 @@ def test_turns_train_one_at_a_time_in_order_after_every_warm_up(tmp_path):
 
 
 # ----------------------------------------------------------------------------- benchmarks/reference.py
+
+@pytest.mark.parametrize("capability, fp8, tma", [
+    ((8, 0), False, False),    # A100: bf16 matmuls, compiled MLP
+    ((8, 6), False, False),    # RTX 3090
+    ((8, 9), True, False),     # RTX 4090 / L4: FP8 matmuls, no TMA kernels
+    ((9, 0), True, True),      # H100 / H200
+    ((10, 0), True, True),     # B200
+])
+def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, tma):
+    """What the forced-8.9 throughput mode (record_sm89) relies on: every capability check answers
+    from torch.cuda.get_device_capability, so faking it picks that card's paths."""
+    import torch
+
+    from benchmarks.throughput import selected_paths
+    from speedrun.errors import SpeedrunError
+    from speedrun.train import fp8_wanted
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test card")
+    cuda = torch.device("cuda", 0)
+    assert selected_paths(cuda) == {"fp8_matmuls": fp8, "tma_mlp_kernels": tma}
+    assert selected_paths(torch.device("cpu")) == {"fp8_matmuls": False, "tma_mlp_kernels": False}
+    if not fp8:   # asking for FP8 where the tensor cores have none is one clear error
+        with pytest.raises(SpeedrunError, match="compute capability >= 8.9"):
+            fp8_wanted("on", cuda, "record.fp8")
+
+
+def test_reference_throughput_patches_apply_to_the_reference_when_present():
+    """The reference is fetched at run time, never committed: CI has none and skips this."""
+    from benchmarks.reference import CUBLAS_PATCHES, _patch, throughput_patches
+
+    ref = Path(__file__).resolve().parents[1] / ".reference" / "modded-nanogpt" / "train_gpt.py"
+    if not ref.exists():
+        pytest.skip("no reference fetched")
+    src = _patch(ref.read_text(), CUBLAS_PATCHES + throughput_patches(steps=3, settle=2))
+    compile(src, str(ref), "exec")
+    assert "REF_STEP_MS" in src and "range(5)" in src
+
 
 def test_reference_patches_must_match_exactly():
     from benchmarks.reference import _patch
