@@ -106,12 +106,13 @@ EAGER_KERNEL_PATCHES = [   # triton_kernels.py
 ]
 # Its per-layer FP8 scales are 4-byte slices of one buffer, and cuBLAS here (torch 2.11, CUDA 13)
 # rejects scale pointers that are not 16-byte aligned (pytorch/pytorch#159957): CUBLAS_STATUS_NOT_
-# SUPPORTED in the MLP's down projection, eager and compiled alike. `.clone()` (same values) fixes it.
+# SUPPORTED in the MLP's down projection. `.abs()` of the (positive) scales gives the same values in a
+# fresh, aligned buffer, eager and compiled (Inductor removes a `.clone()` as a no-op).
 CUBLAS_PATCHES = [
     ("mlp_down_proj_scales = [self._mlp_down_proj_scales[i:i+1] for i in range(12)]",
-     "mlp_down_proj_scales = [self._mlp_down_proj_scales[i:i+1].clone() for i in range(12)]"),
+     "mlp_down_proj_scales = [self._mlp_down_proj_scales[i:i+1].abs() for i in range(12)]"),
     ("                    self._mlp_down_act_scales[i:i+1],\n",
-     "                    self._mlp_down_act_scales[i:i+1].clone(),\n"),
+     "                    self._mlp_down_act_scales[i:i+1].abs(),\n"),
 ]
 CPU_PATCHES = [
     ("import triton\n", ""),

@@ -133,7 +133,7 @@ def schedule_rate(batch_tokens: int, ms_start: float, ms_middle: float, ms_end: 
     return batch_tokens / ((ms_start + 4 * ms_middle + ms_end) / 6e3)
 
 
-def synthetic_shards(root: Path, train_tokens: int, val_tokens: int) -> Path:
+def synthetic_shards(root: Path, train_tokens: int, val_tokens: int, train_shards: int = 1) -> Path:
     from speedrun.atomic import write_json
     from speedrun.shards import write_shard
 
@@ -141,11 +141,13 @@ def synthetic_shards(root: Path, train_tokens: int, val_tokens: int) -> Path:
     out = root / "shards"
     out.mkdir(parents=True, exist_ok=True)
     entries = {}
-    for split, n in (("train", train_tokens), ("val", val_tokens)):
+    for split, n, parts in (("train", train_tokens, train_shards), ("val", val_tokens, 1)):
         toks = rng.integers(0, 50257, n, dtype=np.uint16)
         toks[rng.random(n) < 1 / 600] = 50256
-        write_shard(out / f"{split}_000000.bin", toks)
-        entries[split] = [{"file": f"{split}_000000.bin", "tokens": int(n)}]
+        entries[split] = []
+        for i, piece in enumerate(np.array_split(toks, parts)):
+            write_shard(out / f"{split}_{i:06d}.bin", piece)
+            entries[split].append({"file": f"{split}_{i:06d}.bin", "tokens": int(piece.size)})
     write_json(out / "manifest.json", {**entries, "source": "synthetic"})
     return out
 
@@ -289,15 +291,22 @@ def shared_memory_report(limit: int) -> dict:
 def emulate_capability(capability: tuple[int, int], memory_cap_gib: float) -> dict:
     """Make this process take the code paths a card of `capability` would, under its memory.
 
-    Every capability check of this project, torch's FlexAttention and Inductor's tile choices go
-    through torch.cuda.get_device_capability (and the properties' major/minor), so answering
-    `capability` there picks that card's kernels and tiles. Not emulated: the card's smaller
+    Every capability check of this project and Inductor's tile choices (FlexAttention's included)
+    go through torch.cuda.get_device_capability, so answering `capability` there picks that card's
+    kernels and tiles; only the compile target keeps the real answer. Not emulated: the card's smaller
     shared memory per block (99 KiB on 8.9 against 227 KiB here) and its bandwidth; the kernels
     still compile for this GPU's architecture."""
     import torch
 
-    real = torch.cuda.get_device_capability()
-    torch.cuda.get_device_capability = lambda device=None: capability
+    real_fn = torch.cuda.get_device_capability
+    real = real_fn()
+
+    def answer(device=None):
+        # the compile target stays this GPU's (kernels built for 8.9 do not load on it); Dynamo's
+        # device interface is where Inductor reads it
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return real_fn(device) if caller == "torch._dynamo.device_interface" else capability
+    torch.cuda.get_device_capability = answer
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
     record_triton_shared_memory()
@@ -317,8 +326,9 @@ def selected_paths(device) -> dict:
 def record_shards(root: Path, batches: list[int], steps: int, settle: int) -> Path:
     """The same synthetic tokens for our record run and the reference's: every timed and settling
     step of the three stages, a margin for document-aligned batches, the reference's warm-up
-    (about 14 steps of up to 393k tokens) and its 2.1M-token validation batch."""
-    return synthetic_shards(root, int(1.5 * (settle + steps) * sum(batches)) + 6 * 10**6, 2_200_000)
+    (about 14 steps of up to 393k tokens) and its 2.1M-token validation batch. Several train shards:
+    the reference's loader loads the next shard as soon as it opens one."""
+    return synthetic_shards(root, int(1.5 * (settle + steps) * sum(batches)) + 6 * 10**6, 2_200_000, train_shards=4)
 
 
 def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> dict:
@@ -454,7 +464,7 @@ def measure_reference(name: str, overrides: dict, steps: int, params_path: str) 
         "peak_memory_reserved_gib": round(int(peak.group(2)) / 1024, 2) if peak else float("nan"),
         "tokens_per_s_start": rates[0], "tokens_per_s_middle": rates[1], "tokens_per_s_end": rates[2],
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "substitutions": "FA3 -> torch varlen_attn; FP8 scale slices cloned (cuBLAS alignment); "
+        "substitutions": "FA3 -> torch varlen_attn; FP8 scale slices copied by .abs() (cuBLAS alignment); "
                          "loop cut to the timed steps; no validation",
     })
     return result
