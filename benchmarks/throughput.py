@@ -302,10 +302,11 @@ def emulate_capability(capability: tuple[int, int], memory_cap_gib: float) -> di
     real = real_fn()
 
     def answer(device=None):
-        # the compile target stays this GPU's (kernels built for 8.9 do not load on it); Dynamo's
-        # device interface is where Inductor reads it
+        # the compile target stays this GPU's (kernels built for 8.9 do not load on it): Inductor
+        # reads it through Dynamo's device interface, Triton's launcher through its CUDA driver
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        return real_fn(device) if caller == "torch._dynamo.device_interface" else capability
+        target = caller == "torch._dynamo.device_interface" or caller.startswith("triton.")
+        return real_fn(device) if target else capability
     torch.cuda.get_device_capability = answer
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
@@ -326,9 +327,9 @@ def selected_paths(device) -> dict:
 def record_shards(root: Path, batches: list[int], steps: int, settle: int) -> Path:
     """The same synthetic tokens for our record run and the reference's: every timed and settling
     step of the three stages, a margin for document-aligned batches, the reference's warm-up
-    (about 14 steps of up to 393k tokens) and its 2.1M-token validation batch. Several train shards:
-    the reference's loader loads the next shard as soon as it opens one."""
-    return synthetic_shards(root, int(1.5 * (settle + steps) * sum(batches)) + 6 * 10**6, 2_200_000, train_shards=4)
+    (14 steps of up to 393k tokens, each with a 262,144-token validation forward from one loader:
+    3.67M validation tokens). Several train shards: the reference's loader opens the next at once."""
+    return synthetic_shards(root, int(1.5 * (settle + steps) * sum(batches)) + 6 * 10**6, 4_000_000, train_shards=4)
 
 
 def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> dict:
