@@ -177,3 +177,18 @@ def test_bigram_ids_follow_the_records_order_of_operations():
     assert ids.min() >= 0 and ids.max() < rows and ids[0] == rows - 1
     s = sign_ids(torch.from_numpy(x), 8192)
     assert s[0] == 0 and s[1] == (x[0] ^ x[1]) % 8192
+
+
+def test_warm_up_compiles_every_micro_batch_size_of_the_schedule():
+    """With the record's own micro-batches (an eighth of each stage's batch) stages 2 and 3 have
+    other shapes: warming up on stage 1 alone left 2 recompiles on the clock (throughput r36)."""
+    from speedrun.record.trainer import RecordRun
+
+    def plan(micro: int) -> list:
+        run = object.__new__(RecordRun)
+        run.T, run.sched = micro, schedule(RecordParams())
+        return run.warmup_steps()
+
+    assert plan(16384) == [(0, 16384), (1, 16384)]   # one shape: Muon then Adam only
+    stage2, stage3 = (a for a, _ in schedule(RecordParams()).boundaries[1:3])
+    assert plan(0) == [(0, 16384), (1, 16384), (stage2, 32768), (stage3, 49152)]

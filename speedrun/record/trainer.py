@@ -301,12 +301,23 @@ class RecordRun(Run):
         return self.train_step(plan, [self.loader.next(T, plan.seq_len) for _ in range(n)])
 
     # -- warm-up: compile on dummy tokens, then forget ----------------------------------------
+    def warmup_steps(self) -> list[tuple[int, int]]:
+        """(schedule step, micro-batch tokens) to compile on: Muon, then Adam (every compiled
+        update), then the first step of each later stage whose micro-batch has another size (the
+        record's own eighths: 32k and 48k tokens), so that no stage compiles on the clock."""
+        first = self._micro(self.sched.plan(0))
+        warm = [(0, first), (1, first)]
+        for start, _ in self.sched.boundaries:
+            size = self._micro(self.sched.plan(start))
+            if size not in {t for _, t in warm}:
+                warm.append((start, size))
+        return warm
+
     def warmup(self) -> float:
         t0 = time.perf_counter()
         if self.p.warmup_steps == 0 or not self.p.compile:
             return 0.0
         g = np.random.default_rng(0)
-        T = self.T or self.sched.stages[0].batch_tokens // 8
 
         def dummy(n):
             toks = g.integers(0, 50257, n + 1).astype(np.int64)
@@ -316,9 +327,10 @@ class RecordRun(Run):
             bos = np.flatnonzero(toks[:-1] == 50256)
             return _pack(toks, np.append(bos[1:], n), n, self.cfg.bigram_vocab)
 
-        for step in (0, 1):   # Muon, then Adam: every compiled update
-            self.log(f"warm-up step {step + 1}/2 ({time.perf_counter() - t0:.1f}s)", flush=True)
-            self.train_step(self.sched.plan(step), [dummy(T)])
+        warm = self.warmup_steps()
+        for k, (step, size) in enumerate(warm):
+            self.log(f"warm-up step {k + 1}/{len(warm)} ({time.perf_counter() - t0:.1f}s)", flush=True)
+            self.train_step(self.sched.plan(step), [dummy(size)])
         self._validate_chunks(0, [dummy(self.r.val_chunk_tokens)])
         self._sync()
         self.model.load_state_dict(self.initial_state)
