@@ -113,7 +113,9 @@ def target_loss(params_path: Path, train_json: Path) -> float | None:
     if "train" in raw:
         return parse_section(raw, "train", TrainParams).target_val_loss
     try:
-        return json.loads(train_json.read_text()).get("target")
+        from .metrics import read_metrics
+
+        return read_metrics(train_json).get("target")
     except (OSError, ValueError):
         return None
 

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import DataError, ParamError
 from .hub import check_repo_id
+from .metrics import read_metrics
 from .model import ATTN_GATE_DIMS, ATTN_SCALE, BIGRAM_MULTS, BLOCK_SIZE, EOT_ID, SMEAR_GATE_DIMS, VE_GATE_DIMS
 from .params import param
 
@@ -257,7 +258,7 @@ def _finish_tree(d: Path) -> None:
 
 def _load_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        return read_metrics(path)
     except FileNotFoundError:
         raise DataError(f"{path} not found: run the {what} stage first") from None
     except (OSError, ValueError) as e:

@@ -108,24 +108,41 @@ def rows_from_exp_show(exp_show: list, include_workspace: bool = False) -> list[
     return rows
 
 
-def differing_params(rows: list[Row]) -> list[str]:
-    """Param keys whose value is not the same in every row (the ones worth a column)."""
+def differing_params(rows: list[Row], baseline: dict | None = None) -> list[str]:
+    """Param keys whose value is not the same in every row (the ones worth a column). With one
+    row, or rows that agree everywhere, the keys where they differ from `baseline` (the commit's
+    params.yaml) instead: a lone experiment still shows what its `-S` changed."""
     keys = sorted({k for r in rows for k in r.params})
-    return [k for k in keys if len({json.dumps(r.params.get(k), sort_keys=True) for r in rows}) > 1]
+    differ = [k for k in keys if len({json.dumps(r.params.get(k), sort_keys=True) for r in rows}) > 1]
+    if differ or not baseline:
+        return differ
+    return [k for k in keys if any(json.dumps(r.params.get(k), sort_keys=True) !=
+                                   json.dumps(baseline.get(k), sort_keys=True) for r in rows)]
+
+
+def baseline_params(exp_show: list) -> dict:
+    """The flattened params of the first commit in `dvc exp show --json` output (HEAD's)."""
+    for base in exp_show:
+        if base.get("rev") != "workspace":
+            params = {}
+            for p in ((base.get("data") or {}).get("params") or {}).values():
+                params.update(_flatten(p.get("data") or {}))
+            return params
+    return {}
 
 
 def _num(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
 
-def markdown_table(rows: list[Row]) -> str:
+def markdown_table(rows: list[Row], baseline: dict | None = None) -> str:
     rows = sorted(rows, key=Row.sort_key)
-    keys = differing_params(rows)
+    keys = differing_params(rows, baseline)
     head = ["#", "experiment", "params", "time to target (s)", "tokens to target",
             "final val loss", "tokens/s", "GPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:", "---", "---"] + ["---:"] * 4 + ["---"]) + "|"]
     for i, r in enumerate(rows, 1):
-        params = ", ".join(f"{k}={r.params.get(k)}" for k in keys) or "—"
+        params = ", ".join(f"{k}={r.params.get(k)}" for k in keys) or "params.yaml as committed"
         gpu = r.train.get("gpu") or "—"
         if (r.train.get("world_size") or 1) > 1:
             gpu = f"{r.train['world_size']} x {gpu}"

@@ -1,10 +1,42 @@
-"""Run metadata and speed figures: GPU name, git commit, measured matmul peak, MFU, console lines."""
+"""Run metadata and speed figures: GPU name, git commit, measured matmul peak, MFU, console lines;
+the metrics files the stages write (headline figures for `dvc metrics show`, details beside them)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+from pathlib import Path
 
 import torch
+
+# What `dvc metrics show` / `dvc exp show` list, one column each: a run's result at a glance. Every
+# other figure (timings, flags, versions, ...) goes to the `*_details.json` file beside it.
+TRAIN_HEADLINE = ("reached_target", "time_to_target_s", "tokens_to_target", "final_val_loss", "tokens_per_s",
+                  "train_time_s", "compile_time_s", "mfu", "peak_memory_gib", "gpu", "world_size")
+EVAL_HEADLINE = ("val_loss", "bits_per_byte", "meets_target")
+
+
+def details_path(path: Path) -> Path:
+    """metrics/train.json -> metrics/train_details.json"""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_details.json")
+
+
+def write_metrics(path: Path, metrics: dict, headline: tuple[str, ...]) -> None:
+    """Everything to the details file, then the headline figures to `path` (each atomically): a
+    reader that finds `path` finds its details too."""
+    from .atomic import write_json
+
+    write_json(details_path(path), metrics)
+    write_json(path, {k: metrics[k] for k in headline if k in metrics})
+
+
+def read_metrics(path: Path) -> dict:
+    """A metrics file with its details (where written): every figure the stage recorded."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    details = details_path(path)
+    return {**json.loads(details.read_text()), **data} if details.exists() else data
 
 
 def git_commit() -> str:

@@ -27,7 +27,7 @@ from .errors import ParamError, SpeedrunError
 from .evaluate import evaluate_loss
 from .loader import BatchLoader, TokenStream
 from .mlp import kernels_run_on
-from .metrics import (Stopwatch, device_name, fmt_duration, fmt_rate, git_commit,
+from .metrics import (TRAIN_HEADLINE, Stopwatch, device_name, fmt_duration, fmt_rate, git_commit, write_metrics,
                       measure_bf16_tflops, peak_host_memory_gib, peak_memory_gib)
 from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
 from .optimizer import build_optimizers, set_lr
@@ -850,9 +850,7 @@ class Run:
             "git_commit": git_commit(),
         }
         if self.master:
-            from .atomic import write_json
-
-            write_json(self.paths.metrics, metrics)
+            write_metrics(self.paths.metrics, metrics, TRAIN_HEADLINE)
             ckpt.save(self.paths.final, self.final_state(final_val))
             verdict = (f"reached {p.target_val_loss} in {metrics['time_to_target_s']:.1f}s of training "
                        f"({metrics['tokens_to_target']:,} tokens)" if target else

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from speedrun.atomic import write_json
 from speedrun.errors import stage_main
 from speedrun.evaluate import EvaluateParams, evaluate, target_loss
+from speedrun.metrics import EVAL_HEADLINE, write_metrics
 from speedrun.params import load_section
 from speedrun.plots import plot_curves, read_curve
 from speedrun.train import finish_distributed, init_distributed
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
         finish_distributed()
     if rank != 0:
         return
-    write_json(metrics_dir / "eval.json", result)
+    write_metrics(metrics_dir / "eval.json", result, EVAL_HEADLINE)
     png = plot_curves([read_curve(metrics_dir / "dvclive", label="validation (trainer)")],
                       metrics_dir / "val_curve.png", target=target,
                       title=f"validation loss (final {result['val_loss']:.4f})")

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from speedrun.errors import SpeedrunError, stage_main
-from speedrun.leaderboard import Row, curve_of, markdown_table, rows_from_exp_show, run_exp_show
+from speedrun.leaderboard import Row, baseline_params, curve_of, markdown_table, rows_from_exp_show, run_exp_show
 from speedrun.plots import plot_curves, read_curve
 
 
@@ -50,9 +50,9 @@ def main(argv=None) -> None:
     rows = sorted(rows_from_exp_show(data, include_workspace=args.workspace), key=Row.sort_key)
     if not rows:
         raise SpeedrunError("no experiment with metrics/train.json yet: run `dvc exp run` first")
-    print(markdown_table(rows))
+    print(markdown_table(rows, baseline_params(data)))
     if args.plot:
-        targets = {r.train.get("target") for r in rows} - {None}
+        targets = {r.params.get("train.target_val_loss", r.train.get("target")) for r in rows} - {None}
         png = plot_curves([curve_of(r, args.repo) for r in rows], args.plot,
                           target=targets.pop() if len(targets) == 1 else None,
                           title="validation loss of the ranked experiments")

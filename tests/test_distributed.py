@@ -14,6 +14,7 @@ import yaml
 
 from speedrun.atomic import write_json
 from speedrun.shards import write_shard
+from speedrun.metrics import read_metrics
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def _train(root: Path, shards: Path, nproc: int, tag: str) -> tuple[list[float],
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out / "metrics/dvclive/plots/metrics/train/loss.tsv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f, delimiter="\t")]
-    return losses, json.loads((out / "metrics/train.json").read_text())
+    return losses, read_metrics(out / "metrics/train.json")
 
 
 @pytest.mark.slow
@@ -82,7 +83,7 @@ def test_two_processes_match_one(tmp_path):
                "--models", str(tmp_path / "one/models"), "--metrics", str(tmp_path / f"eval{nproc}")]
         proc = subprocess.run(cmd, cwd=PROJECT, env=_env(nproc), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        evals[nproc] = json.loads((tmp_path / f"eval{nproc}/eval.json").read_text())["val_loss"]
+        evals[nproc] = read_metrics(tmp_path / f"eval{nproc}/eval.json")["val_loss"]
     assert abs(evals[1] - m1["final_val_loss"]) < 1e-4      # the trainer's last validation
     assert abs(evals[2] - evals[1]) < 1e-5, evals            # same tokens, summed across ranks
 

@@ -18,6 +18,7 @@ import yaml
 from conftest import make_docs
 from speedrun.shards import write_shard
 from speedrun.tokenizer import encode_document
+from speedrun.metrics import read_metrics
 
 TINY_TRAIN = {"recipe": "classic", "profile": "cpu-tiny", "steps": 6, "val_every": 3, "val_tokens": 1024, "ckpt_every": 0}
 TINY_EVAL = {"val_tokens": 1024, "micro_batch_tokens": 256}
@@ -110,8 +111,8 @@ def test_eval_reproduces_trainer_validation(tiny_run, tmp_path, capsys):
     root = clone_run(tiny_run, tmp_path / "run")
     code, out, err = evaluate(root, capsys)
     assert code == 0, err
-    ev = json.loads((root / "metrics" / "eval.json").read_text())
-    train = json.loads((root / "metrics" / "train.json").read_text())
+    ev = read_metrics(root / "metrics" / "eval.json")
+    train = read_metrics(root / "metrics" / "train.json")
     live = (root / "metrics/dvclive/plots/metrics/val/loss.tsv").read_text().split()
     print(f"eval val_loss {ev['val_loss']} vs trainer final_val_loss {train['final_val_loss']} "
           f"(dvclive {live[-1]})")
@@ -138,7 +139,7 @@ def test_eval_meets_target_and_longer_micro_batch(tiny_run, tmp_path, capsys):
     write_params(root, train={"target_val_loss": 50.0}, evaluate={"micro_batch_tokens": 512})
     code, _, err = evaluate(root, capsys)
     assert code == 0, err
-    ev = json.loads((root / "metrics" / "eval.json").read_text())
+    ev = read_metrics(root / "metrics" / "eval.json")
     assert ev["meets_target"] is True and ev["target_val_loss"] == 50.0
     assert ev["same_setup_as_training"] is False and math.isfinite(ev["val_loss"])
 

@@ -12,6 +12,7 @@ import yaml
 from speedrun import checkpoint as ckpt
 from speedrun.hf_model.modeling_speedrun_gpt import document_window_masks as hf_masks
 from speedrun.model import EOT_ID, dense_mask, document_window_masks
+from speedrun.metrics import read_metrics
 from test_evaluate import clone_run, evaluate, run_stage, stage_args, tiny_run  # noqa: F401 (fixture)
 
 _EXPORTS: dict[str, Path] = {}
@@ -90,7 +91,7 @@ def test_folder_layout(exported):
     card = (hf / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["license"] == "mit" and meta["pipeline_tag"] == "text-generation"
-    ev = json.loads((exported / "metrics/eval.json").read_text())
+    ev = read_metrics(exported / "metrics/eval.json")
     results = meta["model-index"][0]["results"][0]["metrics"]
     assert {"type": "loss", "value": ev["val_loss"], "name": "val_loss"} in results
     assert "did NOT reach the target validation loss 3.28" in card

@@ -85,6 +85,25 @@ def test_ranking_from_exp_show_json():
     assert table[4].split(" | ")[1] == "missed" and "—" in table[4]  # missed the target: last
 
 
+def test_a_lone_experiment_shows_what_it_changed_from_the_commit():
+    """One ranked row has no param that differs between rows: the column compares it with the
+    commit's params.yaml instead of printing a dash."""
+    from speedrun.leaderboard import baseline_params
+
+    base = _entry("a" * 40, "main", {"train": {"lr": 0.1, "seed": 1}}, {})   # HEAD: never trained
+    exp = _entry("b" * 40, "lower-lr", {"train": {"lr": 0.05, "seed": 1}},
+                 {"time_to_target_s": 9.0, "reached_target": True, "tokens_to_target": 900,
+                  "final_val_loss": 3.2, "tokens_per_s": 100.0, "gpu": "cpu"})
+    base["experiments"] = [{"name": "lower-lr", "executor": None, "revs": [exp]}]
+    data = [base]
+    rows = rows_from_exp_show(data)
+    assert [r.name for r in rows] == ["lower-lr"] and baseline_params(data) == {"train.lr": 0.1, "train.seed": 1}
+    assert markdown_table(rows, baseline_params(data)).splitlines()[2].split(" | ")[2] == "train.lr=0.05"
+    same = _entry("c" * 40, "main", {"train": {"lr": 0.1, "seed": 1}}, exp["data"]["metrics"]["metrics/train.json"]["data"])
+    alone = rows_from_exp_show([same])
+    assert markdown_table(alone, baseline_params([same])).splitlines()[2].split(" | ")[2] == "params.yaml as committed"
+
+
 def test_curve_overlay_png(tmp_path):
     a = curve_from_texts("run a", {"loss": "step\tloss\n1\t5.0\n2\t4.0\n", "seconds": "step\tseconds\n1\t1\n2\t2\n",
                                    "tokens": "step\ttokens\n1\t100\n2\t200\n"})

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import run_dvc
+from speedrun.metrics import EVAL_HEADLINE, TRAIN_HEADLINE, read_metrics
 
 TRAIN = {"profile": "cpu-tiny", "val_every": 2, "val_tokens": 1024, "ckpt_every": 0}   # the default recipe
 RECORD = {"scheduled_steps": 3, "extension_steps": 1}   # one step per stage: 512, 1024, 1024 (+1024) tokens
@@ -24,8 +25,8 @@ def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     proc = run_dvc(repo, "repro", timeout=600)
     for stage in ("download", "tokenize_shards", "train_speedrun", "evaluate_val", "export_hf"):
         assert f"Running stage '{stage}'" in proc.stdout, proc.stdout
-    train = json.loads((repo.path / "metrics/train.json").read_text())
-    ev = json.loads((repo.path / "metrics/eval.json").read_text())
+    train = read_metrics(repo.path / "metrics/train.json")
+    ev = read_metrics(repo.path / "metrics/eval.json")
     assert abs(ev["val_loss"] - train["final_val_loss"]) < 1e-3  # evaluate_val reproduces the trainer
     assert (repo.path / "metrics/val_curve.png").read_bytes()[:4] == b"\x89PNG"
     hf = repo.path / "models/hf"
@@ -43,7 +44,13 @@ def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     diff = run_dvc(repo, "params", "diff").stdout
     assert "record.muon_lr" in diff and "0.023" in diff and "0.02" in diff
     shown = run_dvc(repo, "metrics", "show").stdout
+    print(shown)
     assert "metrics/eval.json" in shown and "metrics/train.json" in shown and "val_loss" in shown
+    # readable in a terminal: the headline figures only; timings, flags, versions sit in *_details.json
+    columns = max(len(line.split()) for line in shown.splitlines())
+    assert columns <= 1 + len(TRAIN_HEADLINE) + len(EVAL_HEADLINE), shown
+    assert "recompiles_after_warmup" not in shown and "torch_version" not in shown
+    assert "recompiles_after_warmup" in read_metrics(repo.path / "metrics/train.json")
     mdiff = run_dvc(repo, "metrics", "diff").stdout  # baseline vs the experiment, side by side
     assert "final_val_loss" in mdiff and "metrics/eval.json" in mdiff
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from conftest import PROJECT, make_docs, write_jsonl
+from speedrun.metrics import read_metrics
 
 
 def readme_block(*must_contain: str) -> str:
@@ -34,8 +35,8 @@ def test_readme_offline_cpu_command_as_written(pipeline_repo):
     proc = repo.run_dvc(*argv[1:], timeout=900)
     for stage in ("download", "tokenize_shards", "train_speedrun", "evaluate_val", "export_hf"):
         assert f"Running stage '{stage}'" in proc.stdout, proc.stdout + proc.stderr
-    train = json.loads((repo.path / "metrics/train.json").read_text())
-    ev = json.loads((repo.path / "metrics/eval.json").read_text())
+    train = read_metrics(repo.path / "metrics/train.json")
+    ev = read_metrics(repo.path / "metrics/eval.json")
     assert train["profile"] == "cpu-tiny" and train["reached_target"] is False
     assert abs(ev["val_loss"] - train["final_val_loss"]) < 1e-3
     assert (repo.path / "models/hf/model.safetensors").is_file()

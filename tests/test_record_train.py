@@ -16,6 +16,7 @@ import yaml
 from speedrun import checkpoint as ckpt
 from speedrun.atomic import write_json
 from speedrun.shards import write_shard
+from speedrun.metrics import read_metrics
 from test_train import ENV, PROJECT, _finish, _popen, _stage_cmd
 
 TRAIN = {"recipe": "record", "profile": "cpu-tiny", "val_every": 3, "val_tokens": 1024, "ckpt_every": 0,
@@ -50,7 +51,7 @@ def runs(tmp_path_factory):
 def test_record_run_completes_with_metrics(runs):
     root, _, _, a, _, _ = runs
     assert a[0] == 0, a[2][-2000:]
-    m = json.loads((root / "A/metrics/train.json").read_text())
+    m = read_metrics(root / "A/metrics/train.json")
     assert m["recipe"] == "record" and m["steps"] == 7 and m["tokens"] == 2 * 512 + 4 * 1024 + 1024
     assert m["recompiles_after_warmup"] == 0 and m["fp8"] is False
     assert m["reached_target"] and m["final_val_loss"] < 11.5
@@ -76,7 +77,7 @@ def test_evaluate_val_reproduces_the_last_validation(runs):
                            "--models", str(root / "A/models"), "--metrics", str(root / "A/metrics")],
                           cwd=PROJECT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ev = json.loads((root / "A/metrics/eval.json").read_text())
+    ev = read_metrics(root / "A/metrics/eval.json")
     final = ckpt.load(root / "A/models/final.pt")
     assert ev["recipe"] == "record" and ev["same_setup_as_training"]
     assert abs(ev["val_loss"] - final["val_loss"]) < 1e-4

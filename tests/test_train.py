@@ -30,6 +30,7 @@ from speedrun import checkpoint as ckpt
 from speedrun import train as train_mod
 from speedrun.errors import SpeedrunError
 from speedrun.train import Paths, Run, TrainParams
+from speedrun.metrics import read_metrics
 from test_evaluate import run_stage, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -191,8 +192,8 @@ def test_resumed_run_matches_uninterrupted(resume_runs):
     a_val, b_val = _live(r.a, "val/loss"), _live(r.b, "val/loss")
     assert [s for s, _ in a_val] == [s for s, _ in b_val] == [2, 4, 6, 8]
     assert max(abs(x - y) for (_, x), (_, y) in zip(a_val, b_val)) <= 1e-6
-    ma = json.loads((r.a / "metrics/train.json").read_text())
-    mb = json.loads((r.b / "metrics/train.json").read_text())
+    ma = read_metrics(r.a / "metrics/train.json")
+    mb = read_metrics(r.b / "metrics/train.json")
     assert abs(ma["final_val_loss"] - mb["final_val_loss"]) <= 1e-5, (ma["final_val_loss"], mb["final_val_loss"])
     assert mb["step_to_target"] == ma["step_to_target"] == 2
     # the final weights themselves agree
@@ -205,8 +206,8 @@ def test_resumed_run_matches_uninterrupted(resume_runs):
 
 def test_resumed_run_metrics_cover_all_segments(resume_runs):
     r = resume_runs
-    ma = json.loads((r.a / "metrics/train.json").read_text())
-    mb = json.loads((r.b / "metrics/train.json").read_text())
+    ma = read_metrics(r.a / "metrics/train.json")
+    mb = read_metrics(r.b / "metrics/train.json")
     assert ma["resumed_at_steps"] == []
     assert mb["resumed_at_steps"] == r.b_stops
     # the training clock continues across processes: the saved clock grows, the final one exceeds it
@@ -283,7 +284,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 def test_unreachable_target_metrics(two_step_run):
-    m = json.loads((two_step_run / "metrics/train.json").read_text())
+    m = read_metrics(two_step_run / "metrics/train.json")
     missing = [k for k in REQUIRED_KEYS if k not in m]
     assert not missing, missing
     assert m["target"] == 3.28 and m["reached_target"] is False
@@ -466,7 +467,7 @@ def test_interrupted_stage_exits_130(monkeypatch, capsys, tmp_path):
 # ----------------------------------------------------------------------------- 8. metrics
 
 def test_metrics_have_every_key_and_a_reached_target(resume_runs):
-    m = json.loads((resume_runs.a / "metrics/train.json").read_text())
+    m = read_metrics(resume_runs.a / "metrics/train.json")
     missing = [k for k in REQUIRED_KEYS if k not in m]
     assert not missing, missing
     assert m["dataset"] == "local:tiny.jsonl" and m["target"] == 20.0
