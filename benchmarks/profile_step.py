@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the default recipe.
 
-    python -m benchmarks.profile_step [--steps 2] [--variant default] [--gaps FILE]
+    python -m benchmarks.profile_step [--steps 2] [--variant record] [--stage 3] [--gaps FILE]
+    python -m benchmarks.profile_step --variant classic              # the previous recipe, middle window
 
 Prints the CUDA kernels grouped by family (matmul, attention, elementwise/fused, optimizer, ...) and
 the top kernels, so throughput work can aim at the largest share instead of guessing.
@@ -23,7 +24,8 @@ from pathlib import Path
 FAMILIES = [  # first match wins; substrings of kernel names
     ("attention (flex)", ("flex", "attention", "triton_tem")),  # flex runs as inductor templates
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "_mm_", "ampere", "cublas")),
-    ("cross-entropy/softcap", ("log_softmax", "nll", "cross_entropy", "tanh")),
+    ("dynamically composable attention", ("dc_attention", "_dc_")),
+    ("cross-entropy/softcap", ("log_softmax", "nll", "cross_entropy", "tanh", "_loss_kernel")),
     ("optimizer", ("adam", "foreach", "lerp")),
     ("copies", ("copy", "memcpy", "memset", "cat")),
     ("triton fused (norms, rotary, relu^2, ...)", ("triton",)),
@@ -102,38 +104,76 @@ def family(name: str) -> str:
     return "other"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--variant", default="default")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--gaps", default=None, help="JSON file: GPU idle gaps and their host context")
-    args = ap.parse_args()
+def classic_stepper(overrides: dict, params: str, steps: int):
+    """step(k): the classic recipe's k-th step at the middle window of its schedule."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.throughput import VARIANTS, progress, synthetic_shards
+    from benchmarks.throughput import progress, synthetic_shards
     from speedrun.loader import BatchLoader
     from speedrun.params import load_section
     from speedrun.train import Paths, Run, TrainParams
 
-    p = dataclasses.replace(load_section("train", TrainParams, args.params), **VARIANTS[args.variant])
+    p = dataclasses.replace(load_section("train", TrainParams, params), **overrides)
     tmp = Path(tempfile.mkdtemp())
-    shards = synthetic_shards(tmp, (args.steps + 4) * p.batch_tokens + 1, p.val_tokens + 1)
+    shards = synthetic_shards(tmp, (steps + 4) * p.batch_tokens + 1, p.val_tokens + 1)
     run = Run(p, Paths(shards, tmp / "c", tmp / "f.pt", tmp / "t.json", None), log=lambda m, **_: progress(m))
     run._build()
     run._window = torch.tensor(1, dtype=torch.int32, device=run.device)
     run.warmup()
     loader = BatchLoader(run.train_stream, p.batch_tokens, p.micro_batch_tokens, 0, 1, run.device)
     window = run.window_tensor(p.steps // 2)
-    run.train_step(0, loader.get(0), window)
+    return lambda k: run.train_step(k, loader.get(k), window)
+
+
+def record_stepper(overrides: dict, params: str, stage: int, steps: int):
+    """step(k): the record recipe's step k after the start of batch stage `stage` (its micro-batch
+    count, windows and loss weights), on the synthetic tokens of the throughput benchmark."""
+    from benchmarks.throughput import emulate_capability, progress, record_shards, SM89
+    from speedrun.params import load_yaml, parse_section
+    from speedrun.record.trainer import RecordParams, RecordRun
+    from speedrun.train import Paths, TrainParams
+
+    if overrides.get("emulate") == "sm89":
+        emulate_capability(**SM89)
+    raw = load_yaml(params)
+    p = dataclasses.replace(parse_section(raw, "train", TrainParams), recipe="record")
+    r = dataclasses.replace(parse_section(raw, "record", RecordParams),
+                            **{k: v for k, v in overrides.items() if k not in ("recipe", "emulate")})
+    tmp = Path(tempfile.mkdtemp())
+    shards = record_shards(tmp, r.stage_batch_tokens, steps, 2)
+    run = RecordRun(dataclasses.replace(p, val_tokens=r.val_chunk_tokens), r,
+                    Paths(shards, tmp / "c", tmp / "f.pt", tmp / "t.json", None), log=lambda m, **_: progress(m))
+    run._build()
+    run.warmup()
+    run.begin_steps(0)
+    start = run.sched.boundaries[stage - 1][0]
+    return lambda k: run.step(start + 2 + k)   # +2: clear of the stage's first (untie) step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--variant", default="record", help="a benchmarks.throughput variant")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--gaps", default=None, help="JSON file: GPU idle gaps and their host context")
+    ap.add_argument("--stage", type=int, default=3, choices=(1, 2, 3), help="record recipe: which batch stage")
+    args = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.throughput import VARIANTS
+
+    overrides = VARIANTS[args.variant]
+    step = (record_stepper(overrides, args.params, args.stage, args.steps) if overrides.get("recipe") == "record"
+            else classic_stepper(overrides, args.params, args.steps))
+    step(0)   # settles: the first step after the warm-up's state reset
     torch.cuda.synchronize()
     acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.gaps else [])
     with profile(activities=acts) as prof:
         t = time.perf_counter()
         for s in range(1, args.steps + 1):
-            run.train_step(s, loader.get(s), window)
+            step(s)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / args.steps
     trace = None
@@ -169,7 +209,7 @@ def main() -> None:
     if args.out:
         from speedrun.atomic import write_json
 
-        write_json(args.out, {"variant": args.variant, "step_wall_ms": wall * 1e3,
+        write_json(args.out, {"variant": args.variant, "stage": args.stage, "step_wall_ms": wall * 1e3,
                               "families_ms_per_step": {k: v / 1e3 / args.steps for k, v in per_fam.items()},
                               "top_kernels_ms_per_step": {k: v / 1e3 / args.steps for k, v in
                                                           sorted(per_kernel.items(), key=lambda kv: -kv[1])[:40]},
