@@ -1,4 +1,4 @@
-"""End to end: all five stages with `dvc repro`, then a second experiment, in a throw-away repo on CPU."""
+"""End to end: all seven stages with `dvc repro`, then a second experiment, in a throw-away repo on CPU."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,8 @@ def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     repo.commit("tiny CPU run")
 
     proc = run_dvc(repo, "repro", timeout=600)
-    for stage in ("download", "tokenize_shards", "train_speedrun", "evaluate_val", "export_hf"):
+    for stage in ("download", "tokenize_shards", "train_speedrun", "evaluate_val", "download_hellaswag",
+                  "evaluate_hellaswag", "export_hf"):
         assert f"Running stage '{stage}'" in proc.stdout, proc.stdout
     train = json.loads((repo.path / "metrics/train.json").read_text())
     ev = json.loads((repo.path / "metrics/eval.json").read_text())
@@ -32,6 +33,9 @@ def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     assert {"model.safetensors", "config.json", "README.md", "vocab.json", "merges.txt", "model.py"} <= {
         p.name for p in hf.iterdir()}
     assert train["recipe"] == "record" and train["steps"] == 4
+    swag = json.loads((repo.path / "metrics/hellaswag.json").read_text())   # conftest's 12-item file
+    assert swag["items"] == 12 and swag["malformed_lines"] == 0 and 0 <= swag["acc_norm"] <= 1
+    assert "HellaSwag acc_norm / acc" in (hf / "README.md").read_text()
     assert "Data and pipelines are up to date" in run_dvc(repo, "status").stdout
     repo.commit("baseline run")
 
@@ -39,11 +43,13 @@ def test_full_pipeline_and_a_second_experiment(pipeline_repo):
     proc = run_dvc(repo, "exp", "run", "-n", "lower-lr", "-S", "record.muon_lr=0.02", timeout=600)
     assert "Running stage 'train_speedrun'" in proc.stdout
     assert "Running stage 'download'" not in proc.stdout  # data stages are cached
+    assert "Running stage 'download_hellaswag'" not in proc.stdout and "Running stage 'evaluate_hellaswag'" in proc.stdout
 
     diff = run_dvc(repo, "params", "diff").stdout
     assert "record.muon_lr" in diff and "0.023" in diff and "0.02" in diff
     shown = run_dvc(repo, "metrics", "show").stdout
     assert "metrics/eval.json" in shown and "metrics/train.json" in shown and "val_loss" in shown
+    assert "metrics/hellaswag.json" in shown and "acc_norm" in shown
     mdiff = run_dvc(repo, "metrics", "diff").stdout  # baseline vs the experiment, side by side
     assert "final_val_loss" in mdiff and "metrics/eval.json" in mdiff
 
