@@ -307,7 +307,8 @@ def evaluate(p: HellaSwagParams, model: Path, data_dir: Path, log=print) -> dict
     encode = get_encoding().encode_ordinary
     encoded = [continuations(it, encode) for it in items]
     if model.is_dir():
-        scorer, recipe, step = FolderScorer(model, device), None, None
+        scorer = FolderScorer(model, device)
+        recipe, step = scorer.recipe, None   # the folder's model_type; it keeps no step
     else:
         state = ckpt.load(model)
         longest = max(sum(len(c) for c in seqs) for seqs in encoded)
