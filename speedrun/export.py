@@ -144,8 +144,20 @@ def _fmt(v, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def model_card(p: ExportParams, train: dict, ev: dict, config, n_params: int) -> str:
-    """README.md: YAML metadata (license, datasets, model-index results) and the run's numbers."""
+def hellaswag_results(hs: dict, template) -> list:
+    """model-index entries of HellaSwag's acc_norm and acc (none when it was not evaluated)."""
+    if hs.get("acc_norm") is None:
+        return []
+    base = dataclasses.replace(template, dataset_type="Rowan/hellaswag", dataset_name="HellaSwag",
+                               dataset_split="validation")
+    return [dataclasses.replace(base, metric_type=key, metric_name=key, metric_value=hs[key])
+            for key in ("acc_norm", "acc") if hs.get(key) is not None]
+
+
+def model_card(p: ExportParams, train: dict, ev: dict, config, n_params: int, hs: dict | None = None) -> str:
+    """README.md: YAML metadata (license, datasets, model-index results) and the run's numbers;
+    `hs`: metrics/hellaswag.json, when the run has one."""
+    hs = hs or {}
     from huggingface_hub import EvalResult, ModelCardData
 
     name = p.repo_id.split("/")[-1] if p.repo_id else "speedrun-gpt"
@@ -158,6 +170,7 @@ def model_card(p: ExportParams, train: dict, ev: dict, config, n_params: int) ->
         if ev.get(key) is not None:
             results.append(dataclasses.replace(results[0], metric_type=key, metric_name=key,
                                                metric_value=ev[key]))
+    results += hellaswag_results(hs, results[0])
     data = ModelCardData(
         license=p.license, library_name="transformers", pipeline_tag="text-generation",
         tags=["gpt2", "speedrun", "modded-nanogpt", "custom_code"], model_name=name,
@@ -177,6 +190,8 @@ def model_card(p: ExportParams, train: dict, ev: dict, config, n_params: int) ->
         ("validation perplexity", _fmt(ev.get("perplexity"), ".2f")),
         ("bits per byte", _fmt(ev.get("bits_per_byte"))),
         ("validation tokens", f"{ev.get('tokens_evaluated', 0):,}"),
+        *([("HellaSwag acc_norm / acc", f"{_fmt(hs.get('acc_norm'))} / {_fmt(hs.get('acc'))} "
+                                        f"({hs.get('items', 0):,} items)")] if hs.get("acc_norm") is not None else []),
         ("target validation loss", str(target)),
         ("time to target (s)", _fmt(train.get("time_to_target_s"), ".1f")),
         ("tokens to target", f"{train['tokens_to_target']:,}" if train.get("tokens_to_target") else "n/a"),
@@ -266,13 +281,16 @@ def _load_json(path: Path, what: str) -> dict:
 
 
 def export_folder(final: Path, train_metrics: Path, eval_metrics: Path, out: Path,
-                  p: ExportParams) -> Path:
-    """Write the HF folder `out` atomically (temp dir beside it, then rename); returns `out`."""
+                  p: ExportParams, hellaswag_metrics: Path | None = None) -> Path:
+    """Write the HF folder `out` atomically (temp dir beside it, then rename); returns `out`.
+    HellaSwag's accuracy joins the model card when `hellaswag_metrics` exists."""
     from safetensors.torch import save_file
 
     state = ckpt.load(final)
     train = _load_json(train_metrics, "train_speedrun")
     ev = _load_json(eval_metrics, "evaluate_val")
+    hs = (_load_json(hellaswag_metrics, "evaluate_hellaswag")
+          if hellaswag_metrics is not None and hellaswag_metrics.exists() else None)
     record = state.get("recipe") == "record"
     if record:
         config, weights = record_export(state, str(final))
@@ -294,7 +312,7 @@ def export_folder(final: Path, train_metrics: Path, eval_metrics: Path, out: Pat
             shutil.copyfile(f, tmp / f.name)
         write_tokenizer(tmp)
         n_params = sum(w.numel() for w in weights.values())
-        (tmp / "README.md").write_text(model_card(p, train, ev, config, n_params))
+        (tmp / "README.md").write_text(model_card(p, train, ev, config, n_params, hs))
         _finish_tree(tmp)
         # swap: the old folder moves aside, the new one takes its name, the old one goes
         old = None

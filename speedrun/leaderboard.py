@@ -27,6 +27,7 @@ class Row:
     params: dict            # flattened: "train.muon_lr" -> 0.05
     train: dict             # metrics/train.json
     eval: dict              # metrics/eval.json
+    hellaswag: dict = dataclasses.field(default_factory=dict)   # metrics/hellaswag.json
 
     @property
     def time_to_target(self) -> float | None:
@@ -87,7 +88,9 @@ def _row(entry: dict, name: str) -> Row | None:
     params = {}
     for path, p in (data.get("params") or {}).items():
         params.update(_flatten(p.get("data") or {}))
-    return Row(name, entry.get("rev", ""), params, train, _file_data(data.get("metrics"), "eval.json"))
+    metrics = data.get("metrics")
+    return Row(name, entry.get("rev", ""), params, train, _file_data(metrics, "eval.json"),
+               _file_data(metrics, "hellaswag.json"))
 
 
 def rows_from_exp_show(exp_show: list, include_workspace: bool = False) -> list[Row]:
@@ -139,8 +142,8 @@ def markdown_table(rows: list[Row], baseline: dict | None = None) -> str:
     rows = sorted(rows, key=Row.sort_key)
     keys = differing_params(rows, baseline)
     head = ["#", "experiment", "params", "time to target (s)", "tokens to target",
-            "final val loss", "tokens/s", "GPU"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:", "---", "---"] + ["---:"] * 4 + ["---"]) + "|"]
+            "final val loss", "HellaSwag acc_norm", "tokens/s", "GPU"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:", "---", "---"] + ["---:"] * 5 + ["---"]) + "|"]
     for i, r in enumerate(rows, 1):
         params = ", ".join(f"{k}={r.params.get(k)}" for k in keys) or "params.yaml as committed"
         gpu = r.train.get("gpu") or "—"
@@ -148,7 +151,8 @@ def markdown_table(rows: list[Row], baseline: dict | None = None) -> str:
             gpu = f"{r.train['world_size']} x {gpu}"
         cells = [str(i), r.name, params, _num(r.time_to_target, ".1f"),
                  _num(r.train.get("tokens_to_target") if r.time_to_target is not None else None, ","),
-                 _num(r.final_loss, ".4f"), _num(r.train.get("tokens_per_s"), ",.0f"), gpu]
+                 _num(r.final_loss, ".4f"), _num(r.hellaswag.get("acc_norm"), ".4f"),
+                 _num(r.train.get("tokens_per_s"), ",.0f"), gpu]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ import torch
 TRAIN_HEADLINE = ("reached_target", "time_to_target_s", "tokens_to_target", "final_val_loss", "tokens_per_s",
                   "train_time_s", "compile_time_s", "mfu", "peak_memory_gib", "gpu", "world_size")
 EVAL_HEADLINE = ("val_loss", "bits_per_byte", "meets_target")
+HELLASWAG_HEADLINE = ("acc", "acc_norm", "items", "malformed_lines")
 
 
 def details_path(path: Path) -> Path:

@@ -408,14 +408,24 @@ class GPT(nn.Module):
             long_bm, short_bm = dense_mask(long_bm, tokens), dense_mask(short_bm, tokens)
         return long_bm, short_bm
 
-    def hidden_states(self, tokens: Tensor, window_blocks: Tensor, masks: tuple | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, window_blocks: Tensor, masks: tuple | None = None,
+                      independent_starts: Tensor | None = None) -> Tensor:
         """tokens: 1-D int tensor (a multiple of 128 long) -> final normed states [1, T, dim].
 
-        `masks`: this sequence's `attention_masks`, when the caller built them ahead of time."""
+        `masks`: this sequence's `attention_masks`, when the caller built them ahead of time.
+        `independent_starts` ([T] bool, None in training): positions whose bigram pair must not
+        reach back into the sequence before (they take the first position's row), so that
+        sequences packed into one pass (scoring, hellaswag.py) compute what each computes alone;
+        smear and key offset already stop at every document's <|endoftext|>."""
         long_bm, short_bm = masks if masks is not None else self.attention_masks(tokens, window_blocks)
         # table lookups outside the compiled regions: their backward writes .grad itself (embedding.py)
         x0 = self.embed_inputs(self.embed(tokens), tokens)
-        bigram = self.bigram(bigram_hash(tokens, self.cfg.bigram_vocab))[None] if self.bigram else None
+        bigram = None
+        if self.bigram is not None:
+            rows = bigram_hash(tokens, self.cfg.bigram_vocab)
+            if independent_starts is not None:
+                rows = rows.masked_fill(independent_starts, self.cfg.bigram_vocab - 1)
+            bigram = self.bigram(rows)[None]
         prev_ok = tokens != EOT_ID if self.cfg.key_offset else None   # no key offset across documents
         return self.run_blocks(x0, self.value_embed_per_layer(tokens), long_bm, short_bm, prev_ok, bigram)
 

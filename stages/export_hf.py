@@ -26,7 +26,8 @@ def main(argv=None) -> None:
     params = load_section("export", ExportParams, args.params)  # validated before any work
     models, metrics = Path(args.models), Path(args.metrics)
     out = Path(args.out) if args.out else models / "hf"
-    export_folder(models / "final.pt", metrics / "train.json", metrics / "eval.json", out, params)
+    export_folder(models / "final.pt", metrics / "train.json", metrics / "eval.json", out, params,
+                  metrics / "hellaswag.json")
     print(f"exported {folder_summary(out)}")
     if params.push:
         from speedrun.hub import push_folder, resolve_token

@@ -45,6 +45,18 @@ def make_docs(n: int, prefix: str = "doc", seed: int = 0, words: tuple[int, int]
     return docs
 
 
+def make_hellaswag_items(n: int, seed: int = 0) -> list[dict]:
+    """n items shaped like hellaswag_val.jsonl's (ctx, four endings, label), English-like words."""
+    rng = random.Random(f"hellaswag-{seed}")
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    return [{"ind": i, "ctx": f"{words(6, 30).capitalize()}. {words(1, 5).capitalize()}",
+             "endings": [f"{words(2, 14)}." for _ in range(4)], "label": rng.randrange(4), "split": "val"}
+            for i in range(n)]
+
+
 def write_jsonl(path: Path, docs: list, xz: bool = False, field: str = "text") -> Path:
     """One JSON object per line; a str item becomes {field: item}, a dict is written as is."""
     lines = "".join(json.dumps(d if isinstance(d, dict) else {field: d}) + "\n" for d in docs)
@@ -105,6 +117,8 @@ TINY_PARAMS = {
                                  ".corpus/tiny/txt/*.txt"],
                  "docs_per_file": 64},
     "tokenize": {"shard_tokens": 4096, "val_tokens": 2048, "workers": 2},
+    # outside .corpus/tiny/, whose .jsonl files are the text corpus
+    "hellaswag": {"source": "local", "local": ".corpus/hellaswag/hellaswag_val.jsonl"},
 }
 
 
@@ -142,6 +156,7 @@ def make_pipeline_repo(root: Path, tiktoken_cache: Path) -> PipelineRepo:
             (tiny / name).write_text(docs[0])
         else:
             write_jsonl(tiny / name, docs, xz=name.endswith(".xz"))
+    write_jsonl(root / ".corpus" / "hellaswag" / "hellaswag_val.jsonl", make_hellaswag_items(12))
     for section, values in TINY_PARAMS.items():
         repo.set_params(section, **values)
 

@@ -46,10 +46,12 @@ DVC_YAML = """stages:
 """
 
 
-def _entry(rev, name, params, train, eval_=None):
+def _entry(rev, name, params, train, eval_=None, hellaswag=None):
     metrics = {"metrics/train.json": {"data": train}}
     if eval_:
         metrics["metrics/eval.json"] = {"data": eval_}
+    if hellaswag:
+        metrics["metrics/hellaswag.json"] = {"data": hellaswag}
     return {"rev": rev, "name": name, "error": None, "experiments": None,
             "data": {"rev": rev, "timestamp": None, "params": {"params.yaml": {"data": params}},
                      "metrics": metrics, "deps": {}, "outs": {}, "meta": {}}}
@@ -63,7 +65,7 @@ def test_ranking_from_exp_show_json():
     fast = _entry("b" * 40, "fast-exp", {"train": {"lr": 0.2, "seed": 1}},
                   {"time_to_target_s": 12.5, "reached_target": True, "tokens_to_target": 1000,
                    "final_val_loss": 3.1, "tokens_per_s": 120.0, "gpu": "H100", "world_size": 8},
-                  {"val_loss": 3.0999})
+                  {"val_loss": 3.0999}, {"acc": 0.2911, "acc_norm": 0.3012, "items": 10042})
     slow = _entry("c" * 40, "missed", {"train": {"lr": 0.01, "seed": 1}},
                   {"reached_target": False, "final_val_loss": 4.5, "tokens_per_s": 90.0, "gpu": "cpu"})
     failed = dict(_entry("d" * 40, "broken", {"train": {"lr": 9.0, "seed": 1}}, {}),
@@ -81,6 +83,8 @@ def test_ranking_from_exp_show_json():
     assert table[0].startswith("| # | experiment | params | time to target (s)")
     assert table[2].split(" | ")[1:4] == ["fast-exp", "train.lr=0.2", "12.5"]
     assert "1,000" in table[2] and "3.0999" in table[2] and "8 x H100" in table[2]  # eval loss wins
+    assert table[0].split(" | ")[6] == "HellaSwag acc_norm" and table[2].split(" | ")[6] == "0.3012"
+    assert table[3].split(" | ")[6] == "—"   # not evaluated
     assert table[3].split(" | ")[1] == "main"
     assert table[4].split(" | ")[1] == "missed" and "—" in table[4]  # missed the target: last
 

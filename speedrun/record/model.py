@@ -222,22 +222,28 @@ class RecordGPT(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def attention(self, i: int, x: Tensor, qkvo: Tensor, lambdas: Tensor, aux_v: Tensor | None,
                   xsa_logit: Tensor | None, gate: Tensor | None, dc: tuple | None,
-                  mask, doc: Tensor) -> Tensor:
+                  mask, doc: Tensor, independent_starts: Tensor | None = None,
+                  rotary_tables: tuple[Tensor, ...] | None = None) -> Tensor:
         B, T, D = x.shape
         H, hd = NUM_HEADS, self.cfg.head_dim
+        cos, sin, cos_paired, sin_paired = rotary_tables or (
+            self.rot_cos, self.rot_sin, self.rot_cos_paired, self.rot_sin_paired)
         q, k, v = F.linear(x, lambdas[0] * qkvo[:3 * D].type_as(x)).view(B, T, 3 * H, hd).chunk(3, dim=-2)
         q, k = norm(q), norm(k)
         if i not in PAIRED:
-            q, k = rotary(q, self.rot_cos, self.rot_sin), rotary(k, self.rot_cos, self.rot_sin)
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
             if i in LONG:   # key offset: the position-free dims come from the previous token
-                k = torch.cat([k[..., :hd // 2], torch.cat([k[:, :1, :, hd // 2:], k[:, :-1, :, hd // 2:]], 1)], -1)
+                shifted = torch.cat([k[:, :1, :, hd // 2:], k[:, :-1, :, hd // 2:]], 1)
+                if independent_starts is not None:   # ... except where a sequence starts (as at 0)
+                    shifted = torch.where(independent_starts[None, :, None, None], k[..., hd // 2:], shifted)
+                k = torch.cat([k[..., :hd // 2], shifted], -1)
             if aux_v is not None:
                 v = v + aux_v.view_as(v)
         else:   # every token twice, two heads per sequence (attention.py)
             q, k = q.reshape(B, T, H // 2, 2 * hd), k.reshape(B, T, H // 2, 2 * hd)
             v = v.reshape(B, 2 * T, H // 2, hd)
-            q = rotary(q, self.rot_cos_paired, self.rot_sin_paired).view(B, 2 * T, H // 2, hd)
-            k = rotary(k, self.rot_cos_paired, self.rot_sin_paired).view(B, 2 * T, H // 2, hd)
+            q = rotary(q, cos_paired, sin_paired).view(B, 2 * T, H // 2, hd)
+            k = rotary(k, cos_paired, sin_paired).view(B, 2 * T, H // 2, hd)
             if aux_v is not None:
                 v = v + aux_v.view_as(v)
         y = attend(q, k, v, mask, self.attn_scale)
@@ -252,8 +258,17 @@ class RecordGPT(nn.Module):
         return F.linear(y, lambdas[1] * qkvo[3 * D:].type_as(y))
 
     def hidden_states(self, inputs: Tensor, bigram_inputs: Tensor, mask_short, mask_long,
-                      mask_paired, doc: Tensor, fp8: bool) -> Tensor:
-        """inputs, bigram_inputs [T] int32 -> the final normed state [T, dim]."""
+                      mask_paired, doc: Tensor, fp8: bool, independent_starts: Tensor | None = None) -> Tensor:
+        """inputs, bigram_inputs [T] int32 -> the final normed state [T, dim].
+
+        The record lets neighbouring documents touch: a document's first position still takes
+        the smear, the bigram sign and (long layers) the key offset from the position before it,
+        and rotary positions count from the micro-batch's start. `independent_starts` ([T] bool,
+        None in training and validation) marks positions where a sequence starts as at position
+        0: nothing comes from the position before, and rotary positions restart there (the bf16
+        tables round differently at other rows). Sequences packed into one forward pass
+        (scoring, continuation_loss.py) then compute what each computes alone; the caller also
+        gives each its own bigram ids (bigram.bigram_ids per sequence)."""
         cfg, H, hd = self.cfg, NUM_HEADS, self.cfg.head_dim
         D, V, L = cfg.model_dim, cfg.vocab_size, NUM_LAYERS
         masks = {i: mask_paired if i in PAIRED else (mask_long if i in LONG else mask_short)
@@ -269,12 +284,23 @@ class RecordGPT(nn.Module):
         attn_weights = torch.cat([qk, vo], dim=1).unbind(0)            # per layer [q; k; v; o]
         mlp_w = self.mlp_bank.flatten(0, 1).unbind(0)                   # up0, down0, up1, ...
 
+        rotary_tables = None
+        if independent_starts is not None:
+            pos = torch.arange(inputs.numel(), device=inputs.device)
+            since_start = pos - torch.where(independent_starts, pos, 0).cummax(0).values
+            rotary_tables = tuple(t[since_start] for t in (self.rot_cos, self.rot_sin,
+                                                            self.rot_cos_paired, self.rot_sin_paired))
         x = self.embed(inputs)
-        signs = self.bigram_sign_table[sign_ids(inputs, cfg.bigram_sign_rows)]
+        sign_rows = sign_ids(inputs, cfg.bigram_sign_rows)
+        if independent_starts is not None:
+            sign_rows = sign_rows.masked_fill(independent_starts, 0)
+        signs = self.bigram_sign_table[sign_rows]
         x0_bigram = (self.bigram_embed(bigram_inputs) * signs)[None]    # [1, T, D]
         ve = self.value_embeds.view(5, V, -1)[:, inputs]                 # [5, T, D]
         # smear: each token's embedding takes a gated share of the previous token's
         smear = smear_lambda * torch.sigmoid(self.smear_gate(x[1:, :SMEAR_DIMS]))
+        if independent_starts is not None:
+            smear = smear.masked_fill(independent_starts[1:, None], 0)
         x = torch.cat([x[:1], x[1:] + smear * x[:-1]])
         x = x0 = norm(x[None])
 
@@ -318,7 +344,8 @@ class RecordGPT(nn.Module):
                 y = self.attention(i, attn_in, attn_weights[i - (i > SKIP_LAYER)], sa_lambdas[i], aux_v,
                                    xsa_alpha.get(i) if i in XSA else None,
                                    attn_gate.get(i) if i in ATTN_GATE else None,
-                                   dc if i == DC_LAYER else None, masks[i], doc)
+                                   dc if i == DC_LAYER else None, masks[i], doc, independent_starts,
+                                   rotary_tables)
                 if mu is not None:
                     x = mu[8] * x + mu[9] * y + mu[10] * cache[0] + mu[11] * x0_bigram
                 else:
