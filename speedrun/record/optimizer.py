@@ -222,6 +222,15 @@ class NorMuonAdam:
             if lab in MUON_LABELS or adam:
                 p.grad = None
 
+    def pending_grads(self) -> dict[str, Tensor]:
+        """Gradients carried into the next step: Adam's labels after an even (Muon-only) step sum
+        two steps' gradients, so a checkpoint taken between them must keep the first."""
+        return {lab: p.grad.detach().cpu().clone() for lab, p in self.params.items() if p.grad is not None}
+
+    def load_pending_grads(self, grads: dict[str, Tensor]) -> None:
+        for lab, p in self.params.items():
+            p.grad = grads[lab].to(p.device, p.dtype) if lab in grads else None
+
     def _muon(self, lab: str, p: Tensor, lr: float, momentum: float) -> None:
         st, shape = self.state[lab], self.shapes[lab]
         self._t["momentum"].fill_(momentum)

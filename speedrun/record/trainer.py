@@ -398,11 +398,13 @@ class RecordRun(Run):
 
     def train_state(self) -> dict:
         return {"recipe": "record", "config": dataclasses.asdict(self.cfg), "model": ckpt.model_state(self.model),
-                "optimizer": self.opt.state_dict(), "loader": self.loader.state()}
+                "optimizer": self.opt.state_dict(), "loader": self.loader.state(),
+                "pending_grads": self.opt.pending_grads()}
 
     def load_train_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        self.opt.load_pending_grads(state.get("pending_grads", {}))
         if not hasattr(self, "loader"):
             self.loader = DocumentBatches(self.train_paths, self.cfg.bigram_vocab, self.rank, self.world)
         self.loader.load_state(state["loader"])
