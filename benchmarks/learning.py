@@ -68,12 +68,7 @@ VARIANTS = {
     "no_key_offset": {"key_offset": False, "backout_layer": 7, "ve_gates": True},
     "no_backout": {"key_offset": True, "backout_layer": -1, "ve_gates": True},
     "no_ve_gates": {"key_offset": True, "backout_layer": 7, "ve_gates": False},
-    # gates with their logits computed in the q/k/v matmul (model.FOLD_GATES): the same numbers as
-    # attn_gate / ve_gates, only the seconds can differ
     "ve_gates": {"ve_gates": True},
-    "ve_gates_folded": {"ve_gates": True, "fold_gates": True},
-    "attn_gate_folded": {"attn_gate": True, "fold_gates": True},
-    "gates_folded": {"attn_gate": True, "ve_gates": True, "fold_gates": True},
     # grouped-query attention (the public 4090 recipe uses one k/v head): k/v projections and
     # value embeddings n_head / n_kv_head times narrower
     "gqa3": {"n_kv_head": 3},
@@ -83,7 +78,6 @@ VARIANTS = {
     # mha cut to mqa's seconds (r17: 40.2 s vs 44.6 s), schedule complete: equal seconds (r18 ran
     # it as "default_eqtime_mqa", when mha was the default)
     "mha_eqtime_mqa": {"n_kv_head": 0, "steps_frac": 0.90},
-    "stack_compile": {"compile_scope": "stack"},   # one compiled graph for all blocks: same numbers
     # the default again, later in the same call: the call's own noise, in loss and in seconds
     "default_again": {},
     "exact_tanh": {"fast_tanh": False},
@@ -91,13 +85,7 @@ VARIANTS = {
     "fp8_mlp": {"fp8_mlp": "on"},
     "bf16_mlp": {"fp8_mlp": "off"},
     "fp8_attn": {"fp8_attn": "on"},
-    "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},   # the FP8 head's weight gradient as a bf16 matmul
     "embed_dense": {"embed_grad": "dense"},     # bf16 nn.Embedding tables (dense backward, bf16 adds)
-    # FlexAttention told that every query row keeps at least one key. True of the row, false of
-    # the first 64-key tile the kernel visits (gpu_checks.rows_nan_without_guard): NaN at step 0
-    # (learning-imdb-h100-r9). With 128-key forward tiles the first tile holds the row's own key
-    "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
-    "flex_safe_rows_n128": {"flex": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_N": 128, "fwd_num_stages": 2}},
     # equal seconds with every schedule complete: fewer steps by the measured slowdown
     # (bigram 5x vocab: 488k vs 502k tok/s in learning-imdb-h100-r5, 0.97; with the later recipe
     # 551k vs 572k on the H200 in learning-imdb-h200-r15, 0.963)

@@ -35,9 +35,6 @@ except ImportError:  # CPU-only installs: the index_select / index_add_ path bel
 # are plain bf16 nn.Embedding lookups on the GPU, as before (benchmarks' comparison variant).
 # Read by model.build_model.
 GRAD_MODE = "accumulate"
-# "triton": fused gather+cast / cast+scatter kernels on the GPU; "torch": index_select + cast and
-# cast + index_add_ (the same math in 2 kernels each way; the benchmarks' comparison variant)
-KERNELS = "triton"
 # rows x columns per program: whole [ROWS, BLOCK_D] tiles, so every load of a tile is in flight
 # at once. H100, per 32k-token lookup: gather 0.026 ms, scatter-add 0.125 ms (torch's two kernels
 # each way: 0.098 / 0.250); tiles 16..128 x 128..256 within 0.007 ms (gpu-checks-embedding r4).
@@ -71,8 +68,7 @@ if triton is not None:
 
 
 def _use_kernels(t: Tensor) -> bool:
-    return (triton is not None and KERNELS == "triton"
-            and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _launch(kernel, table: Tensor, ids: Tensor, rows: Tensor) -> None:

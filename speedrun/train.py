@@ -123,12 +123,6 @@ class TrainParams:
             raise ParamError("params.yaml: train.mtp_weights takes at most 3 extra targets")
 
 
-# build each micro-batch's attention masks before the previous backward (False: after it, as a
-# plain loop would; benchmarks.throughput's `masks_after_backward` variant measures the difference)
-PREFETCH_MASKS = True
-# move everything alive after the warm-up out of the garbage collector's reach (see warmup())
-FREEZE_GC = True
-
 # The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
 CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
                 batch_tokens=1024, micro_batch_tokens=256, window_start=128, window_end=256,
@@ -272,32 +266,21 @@ def truncate_live_logs(live_dir: Path, step: int) -> None:
             write_text(tsv, "".join(kept))
 
 
-# What one compiled graph spans: "blocks" = each transformer block (five distinct graphs, about a
-# minute cold); "stack" = all blocks in one graph (model.run_blocks), so inductor can fuse across
-# block borders: the bf16 sums of x0's and the value embeddings' gradients over the blocks that
-# read them (~15 ms per step in profile r6), the skip adds, and no host gap between blocks.
-# Same math either way. H200: +1.5% tok/s with multi-query attention (692k vs 682k, throughput
-# r32), +0.6% without (r30), and a shorter cold compile (65-68 s vs 78-81 s)
-COMPILE_SCOPE = "stack"
-
-
 def compile_regions(model: GPT) -> None:
-    """Compile the block stack (COMPILE_SCOPE), the embedding prelude and the head/loss as
-    regions of their own. The table lookups stay outside (their backward writes .grad itself), and
-    the fused head is a hand-written kernel.
+    """Compile the block stack, the embedding prelude and the head/loss as regions of their own.
+
+    The whole stack is one graph (model.run_blocks), so inductor fuses across block borders: the
+    sums of x0's and the value embeddings' gradients over the blocks that read them, the skip
+    adds, and no host gap between blocks. The table lookups stay outside (their backward writes
+    .grad itself), and the fused head is a hand-written kernel.
     """
-    # The blocks share one code object (Block.forward) but differ in what the guards see (value
-    # embedding or not, attention or not, skip input or not, block 0's x is x0, grad mode for
-    # validation): about a dozen graphs. Past dynamo's default limit of 8 the rest would run
-    # EAGER, silently (measured: 1064 ms/step with the limit hit).
+    # Each region compiles one graph per guard case (grad mode for validation, ...). Past dynamo's
+    # recompile limit the rest would run EAGER, silently and far slower: raise it, and make a hit
+    # an error rather than a quiet fallback.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # never fall back silently
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         torch._dynamo.config.fail_on_recompile_limit_hit = True
-    if COMPILE_SCOPE == "stack":
-        model.run_blocks = torch.compile(model.run_blocks, dynamic=False)
-    else:
-        for block in model.blocks:
-            block.compile(dynamic=False)
+    model.run_blocks = torch.compile(model.run_blocks, dynamic=False)
     model.embed_inputs = torch.compile(model.embed_inputs, dynamic=False)
     if not model.fused_ce:  # the fused head is a hand-written kernel already
         model.loss = torch.compile(model.loss, dynamic=False)
@@ -460,14 +443,12 @@ class Run:
         masks = self.model.attention_masks(batches[0][0], window)
         for i, (x, y) in enumerate(batches):
             objective, ce = self.model.train_loss(x, y, window, mtp, masks)
-            if PREFETCH_MASKS and i + 1 < len(batches):
+            if i + 1 < len(batches):
                 # the next micro-batch's masks: ~30 small host-heavy ops, built here while the GPU
                 # still has this forward queued; built after backward, the GPU would drain and wait
                 masks = self.model.attention_masks(batches[i + 1][0], window)
             (objective / n_micro).backward()
             loss_sum += ce / n_micro
-            if not PREFETCH_MASKS and i + 1 < len(batches):
-                masks = self.model.attention_masks(batches[i + 1][0], window)
         if self.world > 1:
             grads = [q.grad for q in self.model.parameters() if q.grad is not None]
             handles = [dist.all_reduce(g, async_op=True) for g in grads]  # sum of 1/n_micro shares
@@ -515,12 +496,11 @@ class Run:
         self.model.load_state_dict(self.initial_state)
         self._new_optimizers()
         self.model.zero_grad(set_to_none=True)
-        if FREEZE_GC:
-            # compilation leaves millions of long-lived Python objects (graphs, guards, code): a
-            # generation-2 collection walks them all and took 467 ms in one step of throughput
-            # r26 (H100 host). Frozen, they are never scanned again; new garbage is still collected
-            gc.collect()
-            gc.freeze()
+        # compilation leaves millions of long-lived Python objects (graphs, guards, code): a
+        # generation-2 collection walks them all: a long stall inside a timed step.
+        # Frozen, they are never scanned again; new garbage is still collected
+        gc.collect()
+        gc.freeze()
         return time.perf_counter() - t0
 
     # -- checkpoints ------------------------------------------------------------------------
