@@ -29,105 +29,17 @@ from .loader import BatchLoader, TokenStream
 from .mlp import kernels_run_on
 from .metrics import (Stopwatch, device_name, fmt_duration, fmt_rate, git_commit,
                       measure_bf16_tflops, peak_host_memory_gib, peak_memory_gib)
-from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
+from .model import BLOCK_SIZE, EOT_ID, GPT, build_model, flops_per_token, matmul_params, param_groups
 from .optimizer import build_optimizers, set_lr
-from .params import multiple_of, param
-from .schedule import BatchSchedule, lr_multiplier, mtp_weights, muon_momentum, window_blocks
+# the run's environment and its parameters live below this module (evaluation uses them too);
+# re-exported here for the trainer's callers (stages, benchmarks, the record recipe, tests)
+from .runtime import (compile_regions, compiled_graphs, finish_distributed, fp8_wanted,  # noqa: F401
+                      init_distributed, training_device)
+from .schedule import lr_multiplier, mtp_weights, muon_momentum, window_blocks
 from .shards import MANIFEST, load_manifest, shard_paths, verify_shards
+from .train_params import (CPU_TINY, TrainParams, batch_schedule, effective, model_config,  # noqa: F401
+                           tiny_run_sizes)
 
-
-
-@dataclasses.dataclass
-class TrainParams:
-    recipe: str = param("record", choices=["record", "classic"])
-    profile: str = param("gpu", choices=["gpu", "cpu-tiny"])
-    nproc: int = param(1, ge=1, le=8)
-    seed: int = param(1337, ge=0)
-    vocab_size: int = param(50304, ge=50257)
-    n_layer: int = param(12, ge=2, check=lambda v: None if v % 2 == 0 else "must be even")
-    model_dim: int = param(768, ge=16)
-    n_head: int = param(6, ge=1)
-    head_dim: int = param(128, ge=8, check=lambda v: None if v % 4 == 0 else "must be a multiple of 4")
-    n_kv_head: int = param(1, ge=0)
-    value_embeds: int = param(3, ge=0)
-    no_attn_layer: int = param(7, ge=-1)
-    logit_cap: float = param(30.0, gt=0)
-    attn_gate: bool = param(False)
-    bigram_vocab: int = param(0, ge=0, check=lambda v: None if v != 1 else "must be 0 (off) or >= 2")
-    key_offset: bool = param(True)
-    backout_layer: int = param(-1, ge=-1)
-    ve_gates: bool = param(False)
-    batch_tokens: int = param(524288, ge=BLOCK_SIZE)
-    micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
-    batch_stages: list[float] = param([1.0], gt=0, le=1)
-    batch_stage_lr: list[float] = param([1.0], gt=0)
-    steps: int = param(1400, ge=1)
-    window_start: int = param(256, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
-    window_end: int = param(1792, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
-    muon_lr: float = param(0.05, gt=0)
-    muon_momentum_start: float = param(0.85, ge=0, lt=1)
-    muon_momentum_end: float = param(0.95, ge=0, lt=1)
-    muon_momentum_warmup: int = param(300, ge=0)
-    muon_ns_steps: int = param(5, ge=1, le=20)
-    muon_coeffs: str = param("polar-express", choices=["newton-schulz", "polar-express"])
-    muon_normuon: bool = param(True)
-    muon_weight_decay: float = param(0.0, ge=0)
-    embed_lr: float = param(0.6, gt=0)
-    head_lr: float = param(0.008, gt=0)
-    scalar_lr: float = param(0.04, gt=0)
-    adam_beta1: float = param(0.8, ge=0, lt=1)
-    adam_beta2: float = param(0.95, ge=0, lt=1)
-    mtp_weights: list[float] = param([], ge=0)
-    cooldown_frac: float = param(0.4, ge=0, le=1)
-    final_lr_frac: float = param(0.1, ge=0, le=1)
-    val_every: int = param(125, ge=0)
-    val_tokens: int = param(10485760, ge=BLOCK_SIZE)
-    target_val_loss: float = param(3.28, gt=0)
-    ckpt_every: int = param(200, ge=0)
-    compile: bool = param(True)
-    fp8: str = param("off", choices=["auto", "on", "off"])
-    fp8_head: str = param("auto", choices=["auto", "on", "off"])
-    fused_ce: bool = param(True)
-    fused_mlp: bool = param(True)
-    fp8_mlp: str = param("auto", choices=["auto", "on", "off"])
-    fp8_attn: str = param("off", choices=["auto", "on", "off"])
-    fast_tanh: bool = param(True)
-    warmup_steps: int = param(3, ge=0)
-
-    def validate(self) -> None:
-        p = effective(self)
-        if p.batch_tokens % p.micro_batch_tokens:
-            raise ParamError(f"params.yaml: train.batch_tokens ({p.batch_tokens}) must be a multiple "
-                             f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
-        if p.val_tokens % p.micro_batch_tokens:
-            raise ParamError(f"params.yaml: train.val_tokens ({p.val_tokens}) must be a multiple "
-                             f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
-        if p.value_embeds > p.n_layer // 2:
-            raise ParamError(f"params.yaml: train.value_embeds must be <= n_layer/2 ({p.n_layer // 2})")
-        if p.n_kv_head and p.n_head % p.n_kv_head:
-            raise ParamError(f"params.yaml: train.n_kv_head ({p.n_kv_head}) must divide train.n_head "
-                             f"({p.n_head}); 0 = one key/value head per query head")
-        if p.backout_layer >= p.n_layer - 1:
-            raise ParamError(f"params.yaml: train.backout_layer must be -1 (off) or a block before the "
-                             f"last (0..{p.n_layer - 2}), got {p.backout_layer}")
-        if p.window_end < p.window_start:
-            raise ParamError("params.yaml: train.window_end must be >= train.window_start")
-        if not p.batch_stages:
-            raise ParamError("params.yaml: train.batch_stages must list at least one fraction ([1.0]: constant)")
-        if p.batch_stage_lr and len(p.batch_stage_lr) != len(p.batch_stages):
-            raise ParamError(f"params.yaml: train.batch_stage_lr needs one multiplier per batch stage "
-                             f"({len(p.batch_stages)}), got {len(p.batch_stage_lr)}; [] = x1 for every stage")
-        if len(p.batch_stages) > p.steps:
-            raise ParamError("params.yaml: train.batch_stages has more stages than train.steps")
-        if len(p.mtp_weights) > 3:
-            raise ParamError("params.yaml: train.mtp_weights takes at most 3 extra targets")
-
-
-# The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
-CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
-                batch_tokens=1024, micro_batch_tokens=256, window_start=128, window_end=256,
-                compile=False, fp8="off", fp8_head="off", fp8_mlp="off", fp8_attn="off",
-                warmup_steps=0)
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
 RUN_CONTROL_KEYS = {"recipe", "nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
@@ -138,43 +50,6 @@ RUN_CONTROL_KEYS = {"recipe", "nproc", "val_every", "ckpt_every", "target_val_lo
 LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muon_weight_decay": 0.0,
                      "attn_gate": False, "bigram_vocab": 0, "batch_stages": [1.0], "batch_stage_lr": [1.0],
                      "mtp_weights": [], "n_kv_head": 0, "key_offset": False, "backout_layer": -1, "ve_gates": False}
-
-
-# ...and its run length and validation size, where params.yaml leaves the GPU run's (a full
-# validation split is minutes of CPU per pass): both recipes; an explicit value is kept
-CPU_TINY_RUN = dict(steps=20, val_tokens=8192)
-
-
-def tiny_run_sizes(p: TrainParams) -> TrainParams:
-    if p.profile != "cpu-tiny":
-        return p
-    default = TrainParams()
-    return dataclasses.replace(p, **{k: v for k, v in CPU_TINY_RUN.items() if getattr(p, k) == getattr(default, k)})
-
-
-def effective(p: TrainParams) -> TrainParams:
-    if p.profile != "cpu-tiny":
-        return p
-    # the tiny model has 2 blocks: a backout (if on) takes the first one's output
-    return tiny_run_sizes(dataclasses.replace(p, **CPU_TINY,
-                                              backout_layer=min(p.backout_layer, CPU_TINY["n_layer"] - 2)))
-
-
-def batch_schedule(p: TrainParams, world: int = 1) -> BatchSchedule:
-    """Tokens per step over the run; every stage a whole number of micro-batches on each process."""
-    s = BatchSchedule(p.steps, p.batch_tokens, p.batch_stages, p.batch_stage_lr, p.micro_batch_tokens * world)
-    if min(s.tokens_per_stage) == 0:
-        raise ParamError(f"params.yaml: train.batch_stages {p.batch_stages} of {p.batch_tokens:,} tokens leaves "
-                         f"a stage with no whole micro-batch of {p.micro_batch_tokens:,} x {world} process(es)")
-    return s
-
-
-def model_config(p: TrainParams) -> GPTConfig:
-    return GPTConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, model_dim=p.model_dim,
-                     n_head=p.n_head, head_dim=p.head_dim, n_kv_head=p.n_kv_head, value_embeds=p.value_embeds,
-                     no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap, attn_gate=p.attn_gate,
-                     bigram_vocab=p.bigram_vocab, key_offset=p.key_offset, backout_layer=p.backout_layer,
-                     ve_gates=p.ve_gates, max_seq_len=p.micro_batch_tokens)
 
 
 def fingerprint(p: TrainParams, manifest: dict) -> str:
@@ -196,47 +71,6 @@ def dataset_name(manifest: dict) -> str:
         globs = src.get("local_globs") or []
         return "local:" + ",".join(Path(g).name for g in globs) if globs else str(src.get("source"))
     return str(src or manifest.get("dataset") or "unknown")
-
-
-def init_distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return rank, world, local
-
-
-def finish_distributed() -> None:
-    """Tear the process group down before exit: a gloo group left to interpreter shutdown can
-    abort its rank ("terminate called without an active exception") after the work is done."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def pick_device(p: TrainParams, local_rank: int) -> torch.device:
-    if p.profile == "cpu-tiny":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SpeedrunError("no CUDA GPU found: the gpu profile needs one. To run on CPU, use the tiny "
-                            "test profile: dvc exp run -S train.profile=cpu-tiny")
-    return torch.device("cuda", local_rank)
-
-
-def fp8_wanted(mode: str, device: torch.device, key: str) -> bool:
-    """auto/on/off -> whether to use FP8 here (tensor cores with FP8 need compute capability 8.9+)."""
-    if mode == "off" or device.type != "cuda":
-        return False
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 9):
-        if mode == "on":
-            raise SpeedrunError(f"train.{key}=on needs compute capability >= 8.9; "
-                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: set train.{key}=auto")
-        return False
-    return True
 
 
 def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
@@ -264,36 +98,6 @@ def truncate_live_logs(live_dir: Path, step: int) -> None:
             from .atomic import write_text
 
             write_text(tsv, "".join(kept))
-
-
-def compile_regions(model: GPT) -> None:
-    """Compile the block stack, the embedding prelude and the head/loss as regions of their own.
-
-    The whole stack is one graph (model.run_blocks), so inductor fuses across block borders: the
-    sums of x0's and the value embeddings' gradients over the blocks that read them, the skip
-    adds, and no host gap between blocks. The table lookups stay outside (their backward writes
-    .grad itself), and the fused head is a hand-written kernel.
-    """
-    # Each region compiles one graph per guard case (grad mode for validation, ...). Past dynamo's
-    # recompile limit the rest would run EAGER, silently and far slower: raise it, and make a hit
-    # an error rather than a quiet fallback.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
-    model.run_blocks = torch.compile(model.run_blocks, dynamic=False)
-    model.embed_inputs = torch.compile(model.embed_inputs, dynamic=False)
-    if not model.fused_ce:  # the fused head is a hand-written kernel already
-        model.loss = torch.compile(model.loss, dynamic=False)
-        model.mtp_loss = torch.compile(model.mtp_loss, dynamic=False)
-
-
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled so far in this process (0 where it was never imported: nothing
-    was compiled, and importing it only to read 0 costs seconds on a CPU-only machine)."""
-    if "torch._dynamo" not in sys.modules:
-        return 0
-    import torch._dynamo.utils as dyn_utils
-    return dyn_utils.counters["stats"]["unique_graphs"]
 
 
 class StopRequest:
@@ -354,7 +158,7 @@ class Run:
         self.rank, self.world, local = init_distributed()
         self.master = self.rank == 0
         self.log = log if self.master else (lambda *a, **k: None)
-        self.device = pick_device(self.p, local)
+        self.device = training_device(self.p.profile, local)
         if replaced:
             self.log(f"profile cpu-tiny replaces train.{', train.'.join(replaced)} with its own values")
         if self.p.batch_tokens % (self.p.micro_batch_tokens * self.world):

@@ -14,7 +14,7 @@ from speedrun.errors import stage_main
 from speedrun.evaluate import EvaluateParams, evaluate, target_loss
 from speedrun.params import load_section
 from speedrun.plots import plot_curves, read_curve
-from speedrun.train import finish_distributed, init_distributed
+from speedrun.runtime import finish_distributed, init_distributed
 
 
 @stage_main

@@ -27,8 +27,10 @@ from .. import checkpoint as ckpt
 from ..errors import ParamError, SpeedrunError
 from ..metrics import device_name
 from ..params import param
+from ..runtime import fp8_wanted, init_distributed, training_device
 from ..shards import MANIFEST, load_manifest, shard_paths
-from ..train import Paths, Run, TrainParams, fp8_wanted, tiny_run_sizes, init_distributed
+from ..train import Paths, Run
+from ..train_params import TrainParams, tiny_run_sizes
 from . import schedule as sch
 from .loader import DocumentBatches, ValidationChunks
 from .model import GRAD_SCALE, RecordConfig, build, flops_per_token, param_count
@@ -176,13 +178,7 @@ class RecordRun(Run):
         self.rank, self.world, local = init_distributed()
         self.master = self.rank == 0
         self.log = log if self.master else (lambda *a, **k: None)
-        if params.profile == "cpu-tiny":
-            self.device = torch.device("cpu")
-        elif not torch.cuda.is_available():
-            raise SpeedrunError("no CUDA GPU found: the gpu profile needs one. To run on CPU, use the tiny "
-                                "test profile: dvc exp run -S train.profile=cpu-tiny")
-        else:
-            self.device = torch.device("cuda", local)
+        self.device = training_device(params.profile, local)
         self.T = self.r.micro_batch_tokens
         self.sched = schedule(self.r)
         for b in self.r.stage_batch_tokens:
