@@ -1,5 +1,5 @@
-"""Training with the record's recipe: the trainer's loop (speedrun/train.py: clock, validation,
-checkpoints, signals, metrics) with this recipe's model, optimizer, schedule and batches.
+"""Training with the record's recipe: the speedrun's training loop (speedrun/loop.py: clock,
+validation, checkpoints, signals, metrics) with this recipe's model, optimizer, schedule and batches.
 
 One step (schedule.plan): set the windows (and the rotary state when the long window grew), take
 the step's micro-batches of whole documents, accumulate the gradients of sum(losses) / 8 per
@@ -25,11 +25,11 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt
 from ..errors import ParamError, SpeedrunError
+from ..loop import Paths, TrainingLoop, shard_manifest
 from ..metrics import device_name
 from ..params import param
 from ..runtime import fp8_wanted, init_distributed, training_device
-from ..shards import MANIFEST, load_manifest, shard_paths
-from ..train import Paths, Run
+from ..shards import shard_paths
 from ..train_params import TrainParams, tiny_run_sizes
 from . import schedule as sch
 from .loader import DocumentBatches, ValidationChunks
@@ -169,7 +169,7 @@ class Staging:
         return tuple(out)
 
 
-class RecordRun(Run):
+class RecordRun(TrainingLoop):
     def __init__(self, params: TrainParams, record: RecordParams, paths: Paths, log=print,
                  init_state: dict | None = None, stop_at: int | None = None):
         self.p = params if params.profile != "cpu-tiny" else tiny_run_sizes(dataclasses.replace(params, compile=False))
@@ -186,8 +186,7 @@ class RecordRun(Run):
             if b % unit:
                 raise ParamError(f"record.stage_batch_tokens ({b:,}) must split into micro-batches of "
                                  f"{self.T or b // 8:,} tokens over {self.world} processes")
-        self.manifest = load_manifest(paths.shards) if (paths.shards / MANIFEST).exists() else {
-            "train": [{"file": q.name} for q in shard_paths(paths.shards, "train")]}
+        self.manifest = shard_manifest(paths.shards)
         self.train_paths = shard_paths(paths.shards, "train")
         self.val_paths = shard_paths(paths.shards, "val")
         self.fingerprint = fingerprint(self.p, self.r, self.manifest)
