@@ -51,8 +51,8 @@ VARIANTS = {
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
     "unfused_mlp": {"fused_mlp": False},          # ReLU^2 as compiled pointwise kernels (mlp.py)
     "embed_dense": {"embed_grad": "dense"},       # bf16 nn.Embedding tables: dense backward + bf16 adds
-    # the later records' architecture switches, in full (see learning.VARIANTS): r28's "default"
-    # was before_arch3, r29's arch3; the default since r29 is key_offset_only
+    # the later records' architecture switches, spelt out in full so a name means the same
+    # whatever the defaults (see learning.VARIANTS); the default is key_offset_only
     "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},
     "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},
     "key_offset_only": {"key_offset": True, "backout_layer": -1, "ve_gates": False},
@@ -75,8 +75,7 @@ VARIANTS = {
     # block linear), bf16 embedding tables, a compiled (not fused) soft-capped head in bf16,
     # attention gate, backout after block 8, no key offset. NOT reproduced: its first block has
     # neither attention nor MLP, so this variant does ~6% more matmul work per token than the
-    # recipe: a ratio against it overstates our lead by up to that. (r30 ran it with 6 k/v
-    # heads, ~16% more work than the recipe)
+    # recipe: a ratio against it overstates our lead by up to that
     "recipe_4090": {"n_kv_head": 1, "fp8": "on", "fp8_attn": "on", "fp8_head": "off", "fused_ce": False,
                     "fast_tanh": False, "fused_mlp": False, "fp8_mlp": "off", "embed_grad": "dense",
                     "key_offset": False, "backout_layer": 8, "ve_gates": False, "attn_gate": True,
@@ -93,7 +92,7 @@ VARIANTS = {
 def invalid_reason(losses: dict[str, float]) -> str | None:
     """Why a variant's speed must not be reported: a non-finite training loss. Besides being
     wrong, NaN data runs FASTER on a GPU (tensor cores fed constant bits draw less power, so the
-    clock throttles less): r15's ROWS_GUARANTEED_SAFE "+10.7%" was exactly that."""
+    clock throttles less): an invalid FlexAttention option once looked like a 10% gain that way."""
     bad = {phase: loss for phase, loss in losses.items() if not math.isfinite(loss)}
     return f"non-finite training loss {bad}" if bad else None
 
@@ -201,8 +200,8 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
         result[f"step_ms_{phase}"] = round(dt * 1e3, 2)
         result[f"tokens_per_s_{phase}"] = round(p.batch_tokens / dt, 1)
     mean_rate = schedule_rate(p.batch_tokens, *(mean_ms[ph] for ph in phases))
-    # the same from each window's median step: one stalled step (r21, r23: a single step 450 ms
-    # late) moves the mean but not this
+    # the same from each window's median step: one stalled step (a garbage collection, say)
+    # moves the mean but not this
     median_rate = schedule_rate(p.batch_tokens, *(float(np.median(result[f"step_ms_each_{ph}"])) for ph in phases))
     mean_window = (ep.window_start + ep.window_end) / 2 * (
         sum(1.0 if lw else 0.5 for lw in run.model.long_window) / ep.n_layer)

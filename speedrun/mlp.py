@@ -18,14 +18,11 @@ The other four matmuls (post @ W2^T, both weight gradients, dx) stay cuBLAS's. T
 On CPU the ops run the same math in plain PyTorch; under TRITON_INTERPRET=1 (tests) the kernels
 run interpreted on CPU tensors. Hopper or newer only: the operands load through TMA.
 
-Measured on an H100 (benchmarks/results): MLP fwd+bwd at 32k tokens 1.40 ms vs 1.63 ms for the
-compiled unfused MLP (gpu-checks-mlp r7); with the fused MLP the training step gained +1.9%
-tokens/s and 2.2 GiB of peak memory (r12: the unfused compiled MLP keeps `post` for backward as
-well), and keeping `post` instead of `pre` another +1.6% (563k vs 554k, r25). The up kernel is
-now within 0.02 ms of the bare cuBLAS matmul (0.237 vs 0.219 ms), the grad kernel 0.08 ms
-behind (0.310 vs 0.233): it reads `post` and writes d(pre), 400 MB per layer, partly hidden.
-With FP8 operands (`fp8=True`, train.fp8_mlp) the kernels take 0.180 / 0.273 ms (gpu-checks-mlp r8;
-cuBLAS's FP8 matmul alone 0.164 / 0.164) and the step +2.7% (581k vs 566k, r27).
+The fused MLP is faster and smaller than the compiled unfused one (which keeps `post` for
+backward as well); the up kernel runs close to the bare cuBLAS matmul, the grad kernel a little
+behind it (it reads `post` and writes d(pre), partly hidden behind the matmul). With FP8 operands
+(`fp8=True`, train.fp8_mlp) both kernels run faster again. The numbers, on an H100:
+benchmarks/results/README.md (gpu-checks-mlp, throughput).
 """
 from __future__ import annotations
 
@@ -73,8 +70,7 @@ if triton is not None:
                         BACKWARD: tl.constexpr, SCALED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # plain stores straight from registers, not TMA stores: those stage through shared memory
-        # and wait on it (MLP fwd+bwd 4% slower at 3 stages, H100), and the shared memory they
-        # free admits a 4th pipeline stage (another 2%)
+        # and wait on it, and the shared memory they free admits a 4th pipeline stage
         rm = (om + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = on + tl.arange(0, BLOCK_N)
         offs = rm[:, None] * N + rn[None, :]

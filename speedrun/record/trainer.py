@@ -6,7 +6,8 @@ the step's micro-batches of whole documents, accumulate the gradients of sum(los
 micro-batch (the record's scale, whatever the number of micro-batches), step NorMuon every step
 and Adam on odd ones, untie the embedding at the untie step, re-quantize the FP8 MLP weights.
 
-Memory: the record runs 8 micro-batches per step (16k / 32k / 48k tokens: ~36 GiB on one GPU).
+Memory: the record runs 8 micro-batches per step (16k / 32k / 48k tokens: more than a 24 GB card
+holds).
 Here a micro-batch holds at most `micro_batch_tokens` (16,384 by default: the record's first stage
 exactly, 2 and 3 times as many micro-batches in the later ones, each built from whole documents
 as the record builds its own). `micro_batch_tokens: 0` reproduces the record's eighths.
