@@ -9,8 +9,8 @@
 4. the fused Triton head + soft-capped CE (bf16 and FP8) == the PyTorch reference: loss and
    gradients at full vocabulary, plus its fwd+bwd time against the compiled reference;
 5. the fused ReLU^2 MLP kernels (mlp.py) at the training shape: output and gradients against an
-   fp32 reference (next to the unfused bf16 MLP's own error), and fwd+bwd time per tile shape
-   against the compiled unfused MLP;
+   fp32 reference (next to the unfused bf16 MLP's own error), and fwd+bwd time against the
+   compiled unfused MLP;
 6. the accumulating embedding lookups (embedding.py): one step's table gradients against an
    fp64 sum, and their time against bf16 nn.Embedding tables.
 """
@@ -171,12 +171,9 @@ def check_fp8(steps: int = 30) -> dict:
     return res
 
 
-def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0,
-               transpose_tiles=((64, 128, 16), (32, 128, 8), (128, 128, 32))) -> dict:
+def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0) -> dict:
     """Fused head + CE against the compiled PyTorch reference at a training micro-batch: loss,
-    gradients, and fwd+bwd time (CUDA events), for bf16, fast tanh, and the FP8 head with each way
-    of getting its weight gradient (head.FP8_WEIGHT_GRAD) and transposing tile."""
-    import speedrun.head as head
+    gradients, and fwd+bwd time (CUDA events), for bf16, fast tanh, and the FP8 head."""
     from speedrun.head import reference_softcap_cross_entropy, softcap_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -194,23 +191,17 @@ def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0,
     def fused(**kw):
         return lambda a, b, c: softcap_cross_entropy(a, b, c, cap, fused=True, **kw)
 
-    variants = {"reference": (lambda a, b, c: ref_fn(a, b, c, cap), {}),
-                "fused": (fused(), {}),
-                "fused_fast_tanh": (fused(fast_tanh=True), {}),
-                "fused_fp8_wgrad_bf16": (fused(fp8=True, fast_tanh=True), {"FP8_WEIGHT_GRAD": "bf16"})}
-    for tile in transpose_tiles:
-        variants[f"fused_fp8_{tile[0]}x{tile[1]}_w{tile[2]}"] = (
-            fused(fp8=True, fast_tanh=True), {"FP8_WEIGHT_GRAD": "fp8", "TRANSPOSE_TILE": tile})
-    saved = {k: getattr(head, k) for k in ("FP8_WEIGHT_GRAD", "TRANSPOSE_TILE")}
-    ref = run(variants["reference"][0])
+    variants = {"reference": lambda a, b, c: ref_fn(a, b, c, cap),
+                "fused": fused(),
+                "fused_fast_tanh": fused(fast_tanh=True),
+                "fused_fp8": fused(fp8=True, fast_tanh=True)}
+    ref = run(variants["reference"])
     out = {"tokens": N}
-    for name, (fn, settings) in variants.items():
-        for k, v in {**saved, **settings}.items():
-            setattr(head, k, v)
+    for name, fn in variants.items():
         try:
             res = run(fn)
             ms = _cuda_ms(lambda: run(fn), reps=10)
-        except Exception as e:   # e.g. a tile that does not fit
+        except Exception as e:   # e.g. FP8 on a GPU without FP8 tensor cores
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
             continue
         with torch.no_grad():   # validation path: no gradient wanted, FP8/fast tanh must not be used
@@ -223,8 +214,6 @@ def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0,
             "grad_w_rel_err": ((res[2] - ref[2]).norm() / ref[2].norm()).item(),
             "fwd_bwd_ms": round(ms, 3),
         }
-    for k, v in saved.items():
-        setattr(head, k, v)
     return out
 
 
@@ -240,15 +229,9 @@ def _cuda_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, warp_specialize); the first is mlp.py's H100 default
-MLP_TILES = [(128, 256, 64, 4, 8, False), (128, 256, 64, 3, 8, False), (128, 256, 64, 4, 8, True),
-             (128, 128, 64, 5, 4, False), (256, 128, 64, 4, 8, False)]
-MLP_TILES_FP8 = [(128, 256, 128, 4, 8, False), (128, 256, 128, 3, 8, False), (128, 256, 64, 4, 8, False),
-                 (128, 128, 128, 4, 8, False), (128, 256, 128, 4, 8, True)]
-
-
-def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES, fp8_tiles=MLP_TILES_FP8) -> dict:
-    """Fused ReLU^2 MLP vs the unfused one: errors against fp32, and fwd+bwd / kernel times."""
+def check_mlp(M: int = 32768, D: int = 768) -> dict:
+    """Fused ReLU^2 MLP (bf16 and FP8 operands) vs the unfused one: errors against fp32, and
+    fwd+bwd / kernel times."""
     import speedrun.mlp as mlp
     from speedrun.fp8 import quantize_rows
 
@@ -277,24 +260,10 @@ def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES, fp8_tiles=MLP_TILES
            "cublas_grad_ms": round(_cuda_ms(lambda: gy @ w2), 3)}
     pre = x @ w1.t()
     post = torch.relu(pre).square()
-    runs = [(tile, False) for tile in tiles] + [(None, True)]   # + the first version (pre kept)
-    for tile, save_pre in runs:
-        mlp.KERNEL_CONFIG, mlp.SAVE_PRE = tile, save_pre
-        key = "save_pre" if save_pre else "x".join(map(str, tile[:5])) + ("_ws" if tile[5] else "")
-        if save_pre:
-            def up(): return mlp.linear_relu2_keep_pre(x, w1)
-            def grad(): return mlp.linear_relu2_grad_from_pre(gy, w2, pre)
-        else:
-            def up(): return mlp.linear_relu2(x, w1)
-            def grad(): return mlp.linear_relu2_grad(gy, w2, post)
-        try:
-            out[key] = {"err": errors(fwd_bwd(mlp.relu2_mlp)),
-                        "fwd_bwd_ms": round(_cuda_ms(lambda: fwd_bwd(mlp.relu2_mlp)), 3),
-                        "up_kernel_ms": round(_cuda_ms(up), 3),
-                        "grad_kernel_ms": round(_cuda_ms(grad), 3)}
-        except Exception as e:   # a tile that does not fit this GPU's shared memory
-            out[key] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    mlp.SAVE_PRE, mlp.KERNEL_CONFIG = False, None
+    out["fused"] = {"err": errors(fwd_bwd(mlp.relu2_mlp)),
+                    "fwd_bwd_ms": round(_cuda_ms(lambda: fwd_bwd(mlp.relu2_mlp)), 3),
+                    "up_kernel_ms": round(_cuda_ms(lambda: mlp.linear_relu2(x, w1)), 3),
+                    "grad_kernel_ms": round(_cuda_ms(lambda: mlp.linear_relu2_grad(gy, w2, post)), 3)}
     # FP8 operands (train.fp8_mlp): the kernels alone on quantized inputs, and the whole MLP with
     # its quantization, against cuBLAS's rowwise-scaled FP8 matmul of the same shapes
     xq, sx = quantize_rows(x)
@@ -308,29 +277,20 @@ def check_mlp(M: int = 32768, D: int = 768, tiles=MLP_TILES, fp8_tiles=MLP_TILES
             gq, w2q.t(), sg[:, None], sw2[None, :], out_dtype=torch.bfloat16)), 3)
     except Exception as e:
         out["cublas_fp8"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    for tile in fp8_tiles:
-        mlp.KERNEL_CONFIG_FP8 = tile
-        key = "fp8_" + "x".join(map(str, tile[:5])) + ("_ws" if tile[5] else "")
-        def fp8_mlp(*t): return mlp.relu2_mlp(*t, fp8=True)   # quantization eager here: not fused
-        def up(): return mlp.linear_relu2_fp8(xq, sx, wq, sw, x.dtype)
-        def grad(): return mlp.linear_relu2_grad_fp8(gq, sg, w2q, sw2, post)
-        try:
-            out[key] = {"err": errors(fwd_bwd(fp8_mlp)),
+    def fp8_mlp(*t): return mlp.relu2_mlp(*t, fp8=True)   # quantization eager here: not fused
+    out["fused_fp8"] = {"err": errors(fwd_bwd(fp8_mlp)),
                         "fwd_bwd_ms": round(_cuda_ms(lambda: fwd_bwd(fp8_mlp)), 3),
-                        "up_kernel_ms": round(_cuda_ms(up), 3),
-                        "grad_kernel_ms": round(_cuda_ms(grad), 3)}
-        except Exception as e:
-            out[key] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    mlp.KERNEL_CONFIG_FP8 = None
+                        "up_kernel_ms": round(_cuda_ms(lambda: mlp.linear_relu2_fp8(xq, sx, wq, sw, x.dtype)), 3),
+                        "grad_kernel_ms": round(_cuda_ms(lambda: mlp.linear_relu2_grad_fp8(gq, sg, w2q, sw2, post)), 3)}
     out["quantize_x_ms"] = round(_cuda_ms(lambda: quantize_rows(x)), 3)   # eager: an upper bound
     return out
 
 
 def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tables: int = 4,
-                    micro_batches: int = 16, tiles=((16, 256), (64, 256), (32, 128), (128, 256))) -> dict:
+                    micro_batches: int = 16) -> dict:
     """One optimizer step's embedding work at the training shape: `tables` lookups per micro-batch
     and their gradients summed over `micro_batches`. The accumulating lookups (fp32 tables, Triton
-    or torch kernels) against bf16 nn.Embedding tables (dense backward + bf16 adds, as before):
+    kernels) against bf16 nn.Embedding tables (dense backward + bf16 adds, as before):
     gradient error against an fp64 sum, and ms per step. Realistic ids: Zipf-like frequencies, so
     frequent rows take thousands of atomic adds per micro-batch."""
     import speedrun.embedding as emb
@@ -355,8 +315,7 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
             mods.append(m)
         return mods
 
-    def step(mods, kernels="triton"):
-        emb.KERNELS = kernels
+    def step(mods):
         for m in mods:
             m.weight.grad = None
         for i, u in zip(ids, ups):
@@ -366,29 +325,20 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
 
     out = {"shape": [tokens, vocab, dim], "tables": tables, "micro_batches": micro_batches}
     acc, dense = tables_of(True), tables_of(False)
-    for name, fn in (("accumulate_triton", lambda: step(acc)), ("accumulate_torch", lambda: step(acc, "torch")),
-                     ("dense_bf16", lambda: step(dense))):
+    for name, fn in (("accumulate_triton", lambda: step(acc)), ("dense_bf16", lambda: step(dense))):
         grad = fn()
         out[name] = {"grad_rel_err": round(((grad.double() - exact).norm() / exact.norm()).item(), 7),
                      "ms_per_step": round(_cuda_ms(fn, reps=5), 2)}
-    # the two kernels alone, per tile shape, per 32k-token lookup: timed over all micro-batches'
-    # ids at once, so that the GPU time dwarfs the ~0.03-0.07 ms it takes the host to launch a
-    # kernel (timing one 32k lookup measured the host: 0.034 vs 0.070 ms on two machines). The
-    # per-step figures above are host-bound the same way (64 backward() calls per step) and vary
-    # by machine: 19 / 43 ms for the same kernels (r2, r3); only bf16 tables' stay at 38.6
+    # the two kernels alone, per 32k-token lookup: timed over all micro-batches' ids at once, so
+    # that the GPU time dwarfs the time it takes the host to launch a kernel (timing one 32k
+    # lookup measures the host). The per-step figures above are host-bound the same way (64
+    # backward() calls per step) and vary by machine
     table, grad = acc[0].weight.detach(), torch.zeros_like(base)
     i, u = torch.cat(ids), torch.cat(ups)
-    default_tile = emb._TILE
-    for kernels, tiles in (("torch", [None]), ("triton", [default_tile, *tiles])):
-        emb.KERNELS = kernels
-        for tile in tiles:
-            emb._TILE = tile or default_tile
-            key = kernels + ("" if tile is None else "_" + "x".join(map(str, tile)))
-            out[key] = {"gather_ms": round(_cuda_ms(lambda: emb.gather_rows(table, i, torch.bfloat16))
-                                           / micro_batches, 4),
-                        "scatter_add_ms": round(_cuda_ms(lambda: emb.scatter_add_rows(grad, i, u))
-                                                / micro_batches, 4)}
-    emb.KERNELS, emb._TILE = "triton", default_tile
+    out["triton"] = {"gather_ms": round(_cuda_ms(lambda: emb.gather_rows(table, i, torch.bfloat16))
+                                        / micro_batches, 4),
+                     "scatter_add_ms": round(_cuda_ms(lambda: emb.scatter_add_rows(grad, i, u))
+                                             / micro_batches, 4)}
     return out
 
 

@@ -12,10 +12,9 @@ comparable with the FineWeb 3.28 target: compare variants with each other only.
 With --jobs N, up to N variants compile at once (compilation is host work, minutes per variant)
 but still train one at a time, in the order given: each waits until every variant of its group has
 finished its warm-up and every one before it has exited, so no timed step shares the GPU with
-anything. Only the wall clock shrinks. One bias remains: the first variant to train ran its first
-25 steps slower than the others in both such calls (r15: 6.05 s vs 5.5-5.8; r16: 5.85 vs 5.4-5.6,
-though 3 s of matmuls warmed the GPU before its turn in r16), ~0.5% of its training time; a
-sequential call showed 5.8 s for every variant (r14). Put a variant whose seconds matter least first.
+anything. Only the wall clock shrinks. One bias remains: the first variant to train runs its first
+steps slower than the others (about 0.5% of its training time, benchmarks/results/README.md),
+which a sequential call does not show. Put a variant whose seconds matter least first.
 """
 from __future__ import annotations
 
@@ -60,30 +59,22 @@ VARIANTS = {
     "records": {"batch_tokens": "1.5x", "batch_stages": [1 / 3, 2 / 3, 1.0],
                 "batch_stage_lr": [1.0, 1.52, 1.73], "mtp_weights": [0.5, 0.25], "bigram_vocab": 5 * 50304},
     # the later records' architecture switches (records 49, 40, 55), spelt out in full so a name
-    # means the same whatever the defaults: all three were on by default from learning r14b to
-    # r16; since r16 / throughput r29 only the key offset is (= key_offset_only)
-    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},   # r14's "default"
-    "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},             # r15/r16's "default"
+    # means the same whatever the defaults; the default is key_offset_only
+    "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},   # none of the three
+    "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},             # all three
     "key_offset_only": {"key_offset": True, "backout_layer": -1, "ve_gates": False},
     "no_key_offset": {"key_offset": False, "backout_layer": 7, "ve_gates": True},
     "no_backout": {"key_offset": True, "backout_layer": -1, "ve_gates": True},
     "no_ve_gates": {"key_offset": True, "backout_layer": 7, "ve_gates": False},
-    # gates with their logits computed in the q/k/v matmul (model.FOLD_GATES): the same numbers as
-    # attn_gate / ve_gates, only the seconds can differ
     "ve_gates": {"ve_gates": True},
-    "ve_gates_folded": {"ve_gates": True, "fold_gates": True},
-    "attn_gate_folded": {"attn_gate": True, "fold_gates": True},
-    "gates_folded": {"attn_gate": True, "ve_gates": True, "fold_gates": True},
     # grouped-query attention (the public 4090 recipe uses one k/v head): k/v projections and
     # value embeddings n_head / n_kv_head times narrower
     "gqa3": {"n_kv_head": 3},
     "gqa2": {"n_kv_head": 2},
-    "mqa": {"n_kv_head": 1},   # the default since r18
-    "mha": {"n_kv_head": 0},   # one k/v head per query head: the default up to r17
-    # mha cut to mqa's seconds (r17: 40.2 s vs 44.6 s), schedule complete: equal seconds (r18 ran
-    # it as "default_eqtime_mqa", when mha was the default)
+    "mqa": {"n_kv_head": 1},   # the default
+    "mha": {"n_kv_head": 0},   # one k/v head per query head
+    # mha cut to mqa's seconds (40.2 s vs 44.6 s at this budget), schedule complete: equal seconds
     "mha_eqtime_mqa": {"n_kv_head": 0, "steps_frac": 0.90},
-    "stack_compile": {"compile_scope": "stack"},   # one compiled graph for all blocks: same numbers
     # the default again, later in the same call: the call's own noise, in loss and in seconds
     "default_again": {},
     "exact_tanh": {"fast_tanh": False},
@@ -91,19 +82,12 @@ VARIANTS = {
     "fp8_mlp": {"fp8_mlp": "on"},
     "bf16_mlp": {"fp8_mlp": "off"},
     "fp8_attn": {"fp8_attn": "on"},
-    "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},   # the FP8 head's weight gradient as a bf16 matmul
     "embed_dense": {"embed_grad": "dense"},     # bf16 nn.Embedding tables (dense backward, bf16 adds)
-    # FlexAttention told that every query row keeps at least one key. True of the row, false of
-    # the first 64-key tile the kernel visits (gpu_checks.rows_nan_without_guard): NaN at step 0
-    # (learning-imdb-h100-r9). With 128-key forward tiles the first tile holds the row's own key
-    "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
-    "flex_safe_rows_n128": {"flex": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_N": 128, "fwd_num_stages": 2}},
-    # equal seconds with every schedule complete: fewer steps by the measured slowdown
-    # (bigram 5x vocab: 488k vs 502k tok/s in learning-imdb-h100-r5, 0.97; with the later recipe
-    # 551k vs 572k on the H200 in learning-imdb-h200-r15, 0.963)
+    # equal seconds with every schedule complete: fewer steps by the measured slowdown (bigram
+    # 5x vocab with the current recipe: 551k vs 572k tok/s on the H200)
     "bigram_eqtime": {"bigram_vocab": 5 * 50304, "steps_frac": 0.963},
     "bigram2x_eqtime": {"bigram_vocab": 2 * 50304, "steps_frac": 0.98},
-    # the bf16 MLP kernels cut to the FP8 kernels' time (535k vs 555k tok/s in learning-imdb-h100-r12)
+    # the bf16 MLP kernels cut to the FP8 kernels' time (535k vs 555k tok/s on the H100)
     "bf16_mlp_eqtime": {"fp8_mlp": "off", "steps_frac": 0.964},
 }
 

@@ -50,31 +50,16 @@ VARIANTS = {
     "unfused_ce": {"fused_ce": False},            # torch.compile'd head + soft-cap + CE
     "exact_tanh": {"fast_tanh": False},           # fused CE with the exact (exp + divide) tanh
     "unfused_mlp": {"fused_mlp": False},          # ReLU^2 as compiled pointwise kernels (mlp.py)
-    "fp8_wgrad_bf16": {"fp8_wgrad": "bf16"},      # FP8 head's weight gradient as a bf16 matmul
     "embed_dense": {"embed_grad": "dense"},       # bf16 nn.Embedding tables: dense backward + bf16 adds
-    "embed_torch": {"embed_kernels": "torch"},    # accumulating lookups via index_select / index_add_
-    "head_cast_per_micro": {"head_cast_once": False},   # FP8 head weight cast in every micro-batch
-    "before_r19": {"embed_grad": "dense", "head_cast_once": False},   # both of the above: the r18 recipe
-    "masks_after_backward": {"prefetch_masks": False},   # train.PREFETCH_MASKS off
-    "gc_unfrozen": {"freeze_gc": False},          # no gc.freeze() after the warm-up (train.FREEZE_GC)
-    "mlp_tile128": {"mlp_tile": [128, 128, 64, 4, 8, False]},   # fused MLP kernels' tile (mlp.KERNEL_CONFIG)
-    "mlp_save_pre": {"mlp_save_pre": True},       # fused MLP keeps pre (not post) for backward: the r12-r24 kernels
-    # the later records' architecture switches, in full (see learning.VARIANTS): r28's "default"
-    # was before_arch3, r29's arch3; the default since r29 is key_offset_only
+    # the later records' architecture switches, spelt out in full so a name means the same
+    # whatever the defaults (see learning.VARIANTS); the default is key_offset_only
     "before_arch3": {"key_offset": False, "backout_layer": -1, "ve_gates": False},
     "arch3": {"key_offset": True, "backout_layer": 7, "ve_gates": True},
     "key_offset_only": {"key_offset": True, "backout_layer": -1, "ve_gates": False},
     "no_backout": {"key_offset": True, "backout_layer": -1, "ve_gates": True},
     "no_ve_gates": {"key_offset": True, "backout_layer": 7, "ve_gates": False},
-    # the gates computed in the q/k/v matmul (model.FOLD_GATES, same numbers): does it remove their
-    # cost (ve gates 1.7% in r29; the attention gate 2.6% on the H100, learning r3)? Not yet measured
     "ve_gates": {"ve_gates": True},
-    "ve_gates_folded": {"ve_gates": True, "fold_gates": True},
     "attn_gate": {"attn_gate": True},
-    "attn_gate_folded": {"attn_gate": True, "fold_gates": True},
-    # all blocks as one compiled graph (train.COMPILE_SCOPE): cross-block fusion, same math
-    "stack_compile": {"compile_scope": "stack"},
-    "stack_fp8_attn": {"compile_scope": "stack", "fp8_attn": "on"},
     # grouped-query attention: k/v projections (and value embeddings) n_head / n_kv_head times
     # narrower. Predicted from the matmul work per token (11 attention layers x 4 768^2 units, 12
     # MLPs x 8, head 65.5): gqa3 -5.4%, gqa2 -7.1%, mqa -8.9% of the matmul FLOPs, i.e. about
@@ -82,10 +67,7 @@ VARIANTS = {
     "gqa3": {"n_kv_head": 3},
     "gqa2": {"n_kv_head": 2},
     "mqa": {"n_kv_head": 1},
-    "stack_mqa": {"compile_scope": "stack", "n_kv_head": 1},   # the default since r32
     "mha": {"n_kv_head": 0},
-    "blocks_compile": {"compile_scope": "blocks"},
-    "before_r33": {"n_kv_head": 0, "compile_scope": "blocks"},   # the default of r29-r32
     # the public one-4090 recipe (Deveraux-Parker/nanoGPT_1GPU_SPEEDRUN, 0.92B tokens in ~115 min)
     # run through this trainer: same batch (16 x 32k), window ramp 256 -> 1792 and optimizers
     # (Newton-Schulz Muon, no NorMuon), multi-query attention (one k/v head), torchao float8
@@ -93,8 +75,7 @@ VARIANTS = {
     # block linear), bf16 embedding tables, a compiled (not fused) soft-capped head in bf16,
     # attention gate, backout after block 8, no key offset. NOT reproduced: its first block has
     # neither attention nor MLP, so this variant does ~6% more matmul work per token than the
-    # recipe: a ratio against it overstates our lead by up to that. (r30 ran it with 6 k/v
-    # heads, ~16% more work than the recipe)
+    # recipe: a ratio against it overstates our lead by up to that
     "recipe_4090": {"n_kv_head": 1, "fp8": "on", "fp8_attn": "on", "fp8_head": "off", "fused_ce": False,
                     "fast_tanh": False, "fused_mlp": False, "fp8_mlp": "off", "embed_grad": "dense",
                     "key_offset": False, "backout_layer": 8, "ve_gates": False, "attn_gate": True,
@@ -105,24 +86,13 @@ VARIANTS = {
     "micro64k": {"micro_batch_tokens": 65536},   # half the launches per token: bounds host overhead (H100 memory only)
     "micro16k": {"micro_batch_tokens": 16384},
     "micro8k": {"micro_batch_tokens": 8192},
-    # FlexAttention tiles: backward dK/dV (M1, N1) and dQ (M2, N2) tiles, forward (M, N)
-    "flex_bwd64x128": {"flex": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64}},
-    "flex_bwd_w8": {"flex": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64,
-                             "bwd_num_warps": 8}},
-    "flex_fwd128": {"flex": {"BLOCK_M": 128, "BLOCK_N": 128}},
-    # NOT a valid speed-up: its 569k tok/s (r15) came with a NaN loss: the first 64-key tile of a
-    # row can be all masked (gpu_checks.rows_nan_without_guard); now flagged INVALID by the benchmark
-    "flex_safe_rows": {"flex": {"ROWS_GUARANTEED_SAFE": True}},
-    # the guard dropped where it is provably safe: 128-key forward tiles (diagonal block first)
-    "flex_safe_rows_n128": {"flex": {"ROWS_GUARANTEED_SAFE": True, "BLOCK_N": 128, "fwd_num_stages": 2}},
-    "flex_tma": {"flex": {"USE_TMA": True}},      # TMA loads in FlexAttention's kernels (Hopper)
 }
 
 
 def invalid_reason(losses: dict[str, float]) -> str | None:
     """Why a variant's speed must not be reported: a non-finite training loss. Besides being
     wrong, NaN data runs FASTER on a GPU (tensor cores fed constant bits draw less power, so the
-    clock throttles less): r15's ROWS_GUARANTEED_SAFE "+10.7%" was exactly that."""
+    clock throttles less): an invalid FlexAttention option once looked like a 10% gain that way."""
     bad = {phase: loss for phase, loss in losses.items() if not math.isfinite(loss)}
     return f"non-finite training loss {bad}" if bad else None
 
@@ -230,8 +200,8 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
         result[f"step_ms_{phase}"] = round(dt * 1e3, 2)
         result[f"tokens_per_s_{phase}"] = round(p.batch_tokens / dt, 1)
     mean_rate = schedule_rate(p.batch_tokens, *(mean_ms[ph] for ph in phases))
-    # the same from each window's median step: one stalled step (r21, r23: a single step 450 ms
-    # late) moves the mean but not this
+    # the same from each window's median step: one stalled step (a garbage collection, say)
+    # moves the mean but not this
     median_rate = schedule_rate(p.batch_tokens, *(float(np.median(result[f"step_ms_each_{ph}"])) for ph in phases))
     mean_window = (ep.window_start + ep.window_end) / 2 * (
         sum(1.0 if lw else 0.5 for lw in run.model.long_window) / ep.n_layer)

@@ -2,9 +2,9 @@
 
 nn.Embedding's backward builds a dense [vocab, dim] gradient for every micro-batch (sort, segment
 sums, scatter), and autograd then adds that dense tensor into `.grad`. With 16 micro-batches per
-step and four 50304 x 768 tables that is ~40 ms of an H100 step (profile r5: 20 ms of sort and
-scatter kernels for the three value tables, 20 ms of bf16 gradient-accumulation adds), for
-gradients that touch at most 32k rows per table and micro-batch.
+step and four 50304 x 768 tables, those sorts, scatters and bf16 adds were a visible share of
+the step in the profiles (benchmarks/results/README.md), for gradients that touch at most 32k
+rows per table and micro-batch.
 
 Here a table keeps fp32 master weights, like the linear layers; a lookup returns its rows in the
 activation dtype (`out_dtype`), and backward adds the rows' gradients into `weight.grad` with
@@ -32,16 +32,11 @@ except ImportError:  # CPU-only installs: the index_select / index_add_ path bel
     triton = None
 
 # "accumulate": this module's lookup (fp32 tables, gradients added in place); "dense": the tables
-# are plain bf16 nn.Embedding lookups on the GPU, as before (benchmarks' comparison variant).
-# Read by model.build_model.
+# are plain bf16 nn.Embedding lookups on the GPU, as the public one-4090 recipe trains them
+# (benchmarks: the recipe_4090 baseline and embed_dense). Read by model.build_model.
 GRAD_MODE = "accumulate"
-# "triton": fused gather+cast / cast+scatter kernels on the GPU; "torch": index_select + cast and
-# cast + index_add_ (the same math in 2 kernels each way; the benchmarks' comparison variant)
-KERNELS = "triton"
 # rows x columns per program: whole [ROWS, BLOCK_D] tiles, so every load of a tile is in flight
-# at once. H100, per 32k-token lookup: gather 0.026 ms, scatter-add 0.125 ms (torch's two kernels
-# each way: 0.098 / 0.250); tiles 16..128 x 128..256 within 0.007 ms (gpu-checks-embedding r4).
-# (The first version went one row at a time; it was never timed per kernel: r1's figure is host-bound.)
+# at once (one row at a time left them serialised); the tile shapes measured all came out alike
 _TILE = (64, 256)
 
 
@@ -71,8 +66,7 @@ if triton is not None:
 
 
 def _use_kernels(t: Tensor) -> bool:
-    return (triton is not None and KERNELS == "triton"
-            and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _launch(kernel, table: Tensor, ids: Tensor, rows: Tensor) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,11 +18,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .errors import DataError, ParamError, SpeedrunError
+from .errors import DataError, ParamError
 from .loader import TokenStream, validation_chunks
 from .model import BLOCK_SIZE
 from .params import load_yaml, multiple_of, param, parse_section
+from .runtime import compile_regions, pick_device
 from .shards import MANIFEST, load_manifest, shard_paths
+from .train_params import TrainParams
 
 
 @torch.no_grad()
@@ -80,15 +81,6 @@ class EvaluateParams:
         return dataclasses.replace(self, val_tokens=val, micro_batch_tokens=micro)
 
 
-def pick_device(name: str) -> torch.device:
-    local = int(os.environ.get("LOCAL_RANK", "0"))  # under torchrun: this process's GPU
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SpeedrunError("evaluate.device=cuda but no CUDA GPU found: set evaluate.device=auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name, local) if name == "cuda" else torch.device(name)
-
-
 def bits_per_byte(loss: float, n: int, manifest: dict | None) -> dict:
     """bpb = loss/ln2 * tokens/bytes. Evaluating n tokens predicts val tokens 1..n; the first val
     token is a document's <|endoftext|>, which has no text bytes, so n = val_tokens - 1 covers all
@@ -107,8 +99,6 @@ def bits_per_byte(loss: float, n: int, manifest: dict | None) -> dict:
 
 def target_loss(params_path: Path, train_json: Path) -> float | None:
     """train.target_val_loss from params.yaml (what the run is judged by now), else the run's own."""
-    from .train import TrainParams
-
     raw = load_yaml(params_path)
     if "train" in raw:
         return parse_section(raw, "train", TrainParams).target_val_loss
@@ -122,8 +112,6 @@ def target_loss(params_path: Path, train_json: Path) -> float | None:
 
 def evaluate(p: EvaluateParams, final: Path, shards: Path, target: float | None, log=print,
              rank: int = 0, world: int = 1) -> dict:
-    from .train import compile_regions
-
     state = ckpt.load(final)
     p = p.resolve(state)
     device = pick_device(p.device)

@@ -18,14 +18,11 @@ The other four matmuls (post @ W2^T, both weight gradients, dx) stay cuBLAS's. T
 On CPU the ops run the same math in plain PyTorch; under TRITON_INTERPRET=1 (tests) the kernels
 run interpreted on CPU tensors. Hopper or newer only: the operands load through TMA.
 
-Measured on an H100 (benchmarks/results): MLP fwd+bwd at 32k tokens 1.40 ms vs 1.63 ms for the
-compiled unfused MLP (gpu-checks-mlp r7); with the fused MLP the training step gained +1.9%
-tokens/s and 2.2 GiB of peak memory (r12: the unfused compiled MLP keeps `post` for backward as
-well), and keeping `post` instead of `pre` another +1.6% (563k vs 554k, r25). The up kernel is
-now within 0.02 ms of the bare cuBLAS matmul (0.237 vs 0.219 ms), the grad kernel 0.08 ms
-behind (0.310 vs 0.233): it reads `post` and writes d(pre), 400 MB per layer, partly hidden.
-With FP8 operands (`fp8=True`, train.fp8_mlp) the kernels take 0.180 / 0.273 ms (gpu-checks-mlp r8;
-cuBLAS's FP8 matmul alone 0.164 / 0.164) and the step +2.7% (581k vs 566k, r27).
+The fused MLP is faster and smaller than the compiled unfused one (which keeps `post` for
+backward as well); the up kernel runs close to the bare cuBLAS matmul, the grad kernel a little
+behind it (it reads `post` and writes d(pre), partly hidden behind the matmul). With FP8 operands
+(`fp8=True`, train.fp8_mlp) both kernels run faster again. The numbers, on an H100:
+benchmarks/results/README.md (gpu-checks-mlp, throughput).
 """
 from __future__ import annotations
 
@@ -44,13 +41,11 @@ try:
 except ImportError:  # CPU-only installs: the plain PyTorch path below is used
     triton = None
 
-# Tile shape (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize); None: the
-# measured H100 default. benchmarks.gpu_checks.check_mlp sets it to compare tiles.
-KERNEL_CONFIG: tuple[int, int, int, int, int, bool] | None = None
-_HOPPER_TILE = (128, 256, 64, 4, 8, False)   # fastest of the H100 sweeps (gpu-checks-mlp-*-r5, -r6)
+# Tile shape (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize): the fastest of
+# the H100 tile sweeps (benchmarks/results); small tiles for Triton's CPU interpreter (tests)
+_HOPPER_TILE = (128, 256, 64, 4, 8, False)
 _INTERPRETER_TILE = (32, 32, 16, 1, 4, False)
 # the same for the FP8 kernels: FP8 tensor-core instructions take 32 K-elements, twice bf16's
-KERNEL_CONFIG_FP8: tuple[int, int, int, int, int, bool] | None = None
 _HOPPER_TILE_FP8 = (128, 256, 128, 4, 8, False)
 
 
@@ -71,12 +66,11 @@ if triton is not None:
         return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @triton.jit
-    def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, post_ptr, a_scale_ptr, b_scale_ptr, M, N,
-                        BACKWARD: tl.constexpr, SAVE_PRE: tl.constexpr, SCALED: tl.constexpr,
+    def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N,
+                        BACKWARD: tl.constexpr, SCALED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # plain stores straight from registers, not TMA stores: those stage through shared memory
-        # and wait on it (MLP fwd+bwd 4% slower at 3 stages, H100), and the shared memory they
-        # free admits a 4th pipeline stage (another 2%)
+        # and wait on it, and the shared memory they free admits a 4th pipeline stage
         rm = (om + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = on + tl.arange(0, BLOCK_N)
         offs = rm[:, None] * N + rn[None, :]
@@ -87,24 +81,17 @@ if triton is not None:
             acc = acc * sa[:, None] * sb[None, :]
         dtype = out_ptr.dtype.element_ty
         if BACKWARD:   # d pre = 2 relu(pre) * d post, with d post = acc (unrounded)
-            saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if SAVE_PRE:
-                r = tl.maximum(saved, 0.0)
-                tl.store(post_ptr + offs, (r * r).to(dtype), mask=mask)
-            else:      # relu(pre) = sqrt(post): post is all backward needs, and it is kept already
-                r = tl.sqrt(saved)
+            # relu(pre) = sqrt(post): post is all backward needs, and it is kept already
+            r = tl.sqrt(tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32))
             tl.store(out_ptr + offs, (2.0 * r * acc).to(dtype), mask=mask)
         else:          # post from the ROUNDED pre: the same numbers as the unfused MLP
             pre = acc.to(dtype)
-            if SAVE_PRE:
-                tl.store(saved_ptr + offs, pre, mask=mask)
             r = tl.maximum(pre.to(tl.float32), 0.0)
             tl.store(out_ptr + offs, (r * r).to(dtype), mask=mask)
 
     @triton.jit
-    def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, post_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
-                         BACKWARD: tl.constexpr, SAVE_PRE: tl.constexpr, SCALED: tl.constexpr,
-                         B_NK: tl.constexpr,
+    def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
+                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, B_NK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         """acc = A[M, K] @ B (B stored [N, K] if B_NK else [K, N]), then the ReLU^2 epilogue.
@@ -135,10 +122,10 @@ if triton is not None:
             om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
             # two half-width subtiles: half the live registers in the epilogue
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, post_ptr, a_scale_ptr, b_scale_ptr, M, N,
-                            BACKWARD, SAVE_PRE, SCALED, BLOCK_M, BLOCK_N // 2)
-            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, post_ptr, a_scale_ptr,
-                            b_scale_ptr, M, N, BACKWARD, SAVE_PRE, SCALED, BLOCK_M, BLOCK_N // 2)
+            _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N,
+                            BACKWARD, SCALED, BLOCK_M, BLOCK_N // 2)
+            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, a_scale_ptr,
+                            b_scale_ptr, M, N, BACKWARD, SCALED, BLOCK_M, BLOCK_N // 2)
 
 
 @functools.cache
@@ -165,21 +152,20 @@ def kernels_available(x: Tensor) -> bool:
     return kernels_run_on(x.device) and x.size(-1) * x.element_size() % 16 == 0   # TMA: 16-byte rows
 
 
-def _launch(a: Tensor, b: Tensor, b_nk: bool, saved: Tensor, out: Tensor, post: Tensor, backward: bool,
-            save_pre: bool, scales: tuple[Tensor, Tensor] | None = None) -> None:
+def _launch(a: Tensor, b: Tensor, b_nk: bool, saved: Tensor, out: Tensor, backward: bool,
+            scales: tuple[Tensor, Tensor] | None = None) -> None:
     M, K = a.shape
     N = out.size(1)
-    if scales is None:
-        bm, bn, bk, stages, warps, ws = KERNEL_CONFIG or (_HOPPER_TILE if a.is_cuda else _INTERPRETER_TILE)
+    if not a.is_cuda:
+        bm, bn, bk, stages, warps, ws = _INTERPRETER_TILE
     else:
-        bm, bn, bk, stages, warps, ws = KERNEL_CONFIG_FP8 or (_HOPPER_TILE_FP8 if a.is_cuda else _INTERPRETER_TILE)
+        bm, bn, bk, stages, warps, ws = _HOPPER_TILE if scales is None else _HOPPER_TILE_FP8
     desc = TensorDescriptor.from_tensor
     n_sms = _num_sms(a.device)
     grid = (min(n_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     a_scale, b_scale = scales if scales is not None else (out, out)   # unread unless SCALED
-    _mm_relu2_kernel[grid](desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), saved, out, post,
-                           a_scale, b_scale, M, N, K, BACKWARD=backward, SAVE_PRE=save_pre,
-                           SCALED=scales is not None, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    _mm_relu2_kernel[grid](desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), saved, out,
+                           a_scale, b_scale, M, N, K, BACKWARD=backward, SCALED=scales is not None, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                            GROUP_M=8, NUM_SMS=n_sms, WARP_SPECIALIZE=ws, num_stages=stages,
                            num_warps=warps)
 
@@ -190,7 +176,7 @@ def linear_relu2(x: Tensor, w1: Tensor) -> Tensor:
     if not kernels_available(x):
         return F.relu(x @ w1.t()).square()
     post = x.new_empty(x.size(0), w1.size(0))
-    _launch(x, w1.contiguous(), True, post, post, post, backward=False, save_pre=False)
+    _launch(x, w1.contiguous(), True, post, post, backward=False)
     return post
 
 
@@ -206,7 +192,7 @@ def linear_relu2_grad(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
         return (2 * post.float().sqrt() * (g @ w2).float()).to(g.dtype)
     post = post.contiguous()
     dpre = torch.empty_like(post)
-    _launch(g, w2.contiguous(), False, post, dpre, post, backward=True, save_pre=False)
+    _launch(g, w2.contiguous(), False, post, dpre, backward=True)
     return dpre
 
 
@@ -228,7 +214,7 @@ def linear_relu2_fp8(xq: Tensor, sx: Tensor, w1q: Tensor, sw1: Tensor, dtype: to
         pre = ((xq.float() * sx[:, None]) @ (w1q.float() * sw1[:, None]).t()).to(dtype)
         return F.relu(pre).square()
     post = torch.empty(xq.size(0), w1q.size(0), dtype=dtype, device=xq.device)
-    _launch(xq, w1q, True, post, post, post, backward=False, save_pre=False, scales=(sx, sw1))
+    _launch(xq, w1q, True, post, post, backward=False, scales=(sx, sw1))
     return post
 
 
@@ -245,7 +231,7 @@ def linear_relu2_grad_fp8(gq: Tensor, sg: Tensor, w2q_t: Tensor, sw2: Tensor, po
         return (2 * post.float().sqrt() * dpost).to(post.dtype)
     post = post.contiguous()
     dpre = torch.empty_like(post)
-    _launch(gq, w2q_t, True, post, dpre, post, backward=True, save_pre=False, scales=(sg, sw2))
+    _launch(gq, w2q_t, True, post, dpre, backward=True, scales=(sg, sw2))
     return dpre
 
 
@@ -254,68 +240,24 @@ def _(gq: Tensor, sg: Tensor, w2q_t: Tensor, sw2: Tensor, post: Tensor) -> Tenso
     return torch.empty_like(post)
 
 
-# SAVE_PRE = True: the kernels' first version, which kept `pre` (not `post`) for backward. Forward
-# then writes both, and backward rebuilds post for the weight gradient: 200 MB more traffic per
-# layer each way at 32k tokens x 3072. Kept for the throughput benchmark's comparison.
-SAVE_PRE = False
-
-
-@torch.library.custom_op("speedrun::linear_relu2_keep_pre", mutates_args=())
-def linear_relu2_keep_pre(x: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
-    """(pre, post) = (x @ w1^T, relu(pre)^2)."""
-    if not kernels_available(x):
-        pre = x @ w1.t()
-        return pre, F.relu(pre).square()
-    pre = x.new_empty(x.size(0), w1.size(0))
-    post = torch.empty_like(pre)
-    _launch(x, w1.contiguous(), True, pre, post, post, backward=False, save_pre=True)
-    return pre, post
-
-
-@linear_relu2_keep_pre.register_fake
-def _(x: Tensor, w1: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.size(0), w1.size(0)), x.new_empty(x.size(0), w1.size(0))
-
-
-@torch.library.custom_op("speedrun::linear_relu2_grad_from_pre", mutates_args=())
-def linear_relu2_grad_from_pre(g: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
-    """(d pre, post) = (2 relu(pre) * (g @ w2), relu(pre)^2)."""
-    if not kernels_available(g):
-        r = F.relu(pre)
-        return (2 * r * (g @ w2)).to(g.dtype), r.square()
-    pre = pre.contiguous()
-    dpre, post = torch.empty_like(pre), torch.empty_like(pre)
-    _launch(g, w2.contiguous(), False, pre, dpre, post, backward=True, save_pre=True)
-    return dpre, post
-
-
-@linear_relu2_grad_from_pre.register_fake
-def _(g: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(pre), torch.empty_like(pre)
-
-
 class _ReLU2MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, fp8: bool) -> Tensor:
-        ctx.save_pre, ctx.fp8 = SAVE_PRE and not fp8, fp8
+        ctx.fp8 = fp8
         if fp8:
-            saved = post = linear_relu2_fp8(*quantize_rows(x), *quantize_rows(w1), x.dtype)
-        elif ctx.save_pre:
-            saved, post = linear_relu2_keep_pre(x, w1)
+            post = linear_relu2_fp8(*quantize_rows(x), *quantize_rows(w1), x.dtype)
         else:
-            saved = post = linear_relu2(x, w1)
-        ctx.save_for_backward(x, w1, w2, saved)
+            post = linear_relu2(x, w1)
+        ctx.save_for_backward(x, w1, w2, post)
         return post @ w2.t()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, w1, w2, saved = ctx.saved_tensors
+        x, w1, w2, post = ctx.saved_tensors
         if ctx.fp8:   # W2's scales run along its columns: quantize its transpose by rows
-            dpre, post = linear_relu2_grad_fp8(*quantize_rows(g), *quantize_rows(w2.t()), saved), saved
-        elif ctx.save_pre:
-            dpre, post = linear_relu2_grad_from_pre(g.contiguous(), w2, saved)
+            dpre = linear_relu2_grad_fp8(*quantize_rows(g), *quantize_rows(w2.t()), post)
         else:
-            dpre, post = linear_relu2_grad(g.contiguous(), w2, saved), saved
+            dpre = linear_relu2_grad(g.contiguous(), w2, post)
         return dpre @ w1, dpre.t() @ x, g.t() @ post, None
 
 

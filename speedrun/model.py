@@ -18,7 +18,6 @@ sliding window. The window is a device tensor, so growing it during training nev
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import torch
@@ -52,16 +51,6 @@ else:
         global _flex_attention
         _flex_attention = torch.compile(flex_attention, dynamic=False)
         return _flex_attention(*args, **kwargs)
-# Triton tile sizes etc. for FlexAttention (None: inductor's defaults); read when a graph compiles
-FLEX_KERNEL_OPTIONS: dict | None = None
-# Execution choice, not a recipe change: compute the attention and value-embedding gates' logits in
-# the q/k/v matmul (their [n_head, 12] weights zero-padded to extra rows of it) instead of in
-# matmuls of their own, whose K = 12 and N = 6 run far below the tensor cores' rate and whose
-# weight gradient is a reduction over every token (throughput r29: the ve gates cost 1.7%).
-# Same numbers: the padded zeros add exactly 0. Off until a throughput call measures it
-FOLD_GATES = False
-FOLD_ROWS = 64   # the q/k/v matmul's extra rows are padded to a multiple of this (tile alignment)
-
 
 @dataclasses.dataclass
 class GPTConfig:
@@ -152,10 +141,6 @@ def offset_keys(k: Tensor, prev_ok: Tensor) -> Tensor:
     return torch.where(rot, k, prev)
 
 
-def _pad_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, key_offset: bool = False, ve_gate: bool = False):
         super().__init__()
@@ -182,14 +167,6 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = CastedLinear(VE_GATE_DIMS, self.n_kv, zero_init=True) if ve_gate else None
         self.fp8 = False   # e4m3 operands in the forward of the q/k/v and output projections (fp8.py)
 
-    @staticmethod
-    def _gate_rows(gates: list[CastedLinear], dim: int) -> Tensor:
-        """The gates' [n_head, 12] weights as extra rows of the q/k/v weight: zero past their 12
-        input columns and in the padding rows (F.pad's gradient is the slice: only the real
-        weights learn)."""
-        rows = torch.cat([F.pad(g.weight, (0, dim - g.in_features)) for g in gates])
-        return F.pad(rows, (0, 0, 0, _pad_to(rows.size(0), FOLD_ROWS) - rows.size(0)))
-
     def qkv_weight(self) -> Tensor:
         """The q, k and v weights as one [(n_head + 2 n_kv) * head_dim, dim] matrix."""
         if self.n_kv == self.n_head:
@@ -201,23 +178,9 @@ class CausalSelfAttention(nn.Module):
         B, T = x.size(0), x.size(1)
         fp8 = self.fp8 and torch.is_grad_enabled()   # training only, as the FP8 MLP and head
         linear = forward_fp8_linear if fp8 else F.linear
-        w = self.qkv_weight()
-        H, D, qkv_width = self.n_head, self.head_dim, w.size(0)
-        ve_gate = self.ve_gate if ve is not None else None
-        gates = [g for g in (self.gate, ve_gate) if g is not None]   # this order in the folded rows
-        fold = FOLD_GATES and bool(gates) and not fp8   # e4m3 rows would blur the gates' logits
-        if fold:
-            w = torch.cat([w, self._gate_rows(gates, w.size(1))])
-        out = linear(x, w.type_as(x))
-        q, k, v = out[..., :qkv_width].split([H * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        H, D = self.n_head, self.head_dim
+        q, k, v = linear(x, self.qkv_weight().type_as(x)).split([H * D, self.n_kv * D, self.n_kv * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, self.n_kv, D), v.view(B, T, self.n_kv, D)
-        if fold:   # each gate's logits: the next out_features columns past q, k and v
-            ends = list(itertools.accumulate(g.out_features for g in gates))
-            logits = [out[..., qkv_width + e - g.out_features:qkv_width + e] for g, e in zip(gates, ends)]
-        else:
-            logits = [g(x[..., :g.in_features]) for g in gates]
-        attn_logits = logits[0] if self.gate is not None else None
-        ve_logits = logits[-1] if ve_gate is not None else None
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
         if self.key_offset:
             k = offset_keys(k, prev_ok)
@@ -225,18 +188,17 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             ve = ve.view_as(v)
             if self.ve_gate is not None:
-                ve = ve * (2 * torch.sigmoid(ve_logits))[..., None]
+                ve = ve * (2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_DIMS])))[..., None]
             v = v + self.lambdas[1] * ve
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.n_kv != H
         if isinstance(block_mask, BlockMask):
-            y = _flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE,
-                                kernel_options=FLEX_KERNEL_OPTIONS, enable_gqa=gqa)
+            y = _flex_attention(q, k, v, block_mask=block_mask, scale=ATTN_SCALE, enable_gqa=gqa)
         else:  # dense bool mask of the same pattern: CPU (FlexAttention has no CPU backward)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=ATTN_SCALE, enable_gqa=gqa)
         y = y.transpose(1, 2)
         if self.gate is not None:
-            y = y * torch.sigmoid(attn_logits)[..., None]
+            y = y * torch.sigmoid(self.gate(x[..., :ATTN_GATE_DIMS]))[..., None]
         y = y.contiguous().view(B, T, self.n_head * self.head_dim)
         return linear(y, self.c_proj.weight.type_as(y))
 
@@ -431,8 +393,8 @@ class GPT(nn.Module):
 
     def run_blocks(self, x0: Tensor, ve: list[Tensor | None], long_bm: BlockMask | Tensor,
                    short_bm: BlockMask | Tensor, prev_ok: Tensor | None, bigram: Tensor | None) -> Tensor:
-        """The block stack, from x0 to the final normed states: one function, so that it can be
-        compiled as one graph (train.COMPILE_SCOPE) as well as block by block."""
+        """The block stack, from x0 to the final normed states: one function, so that it compiles
+        as one graph (train.compile_regions)."""
         x = x0
         skips, backout = [], None
         half = self.cfg.n_layer // 2

@@ -1,9 +1,6 @@
-"""The speedrun training loop: train to the target validation loss, time it honestly, resume safely.
-
-Timing rules (those of the public speedrun): the clock runs only while training steps run.
-Compilation happens before it starts (warm-up on dummy tokens, after which weights and optimizer
-state are reset, so nothing is learned untimed); validation and checkpoint writes stop it and are
-reported separately.
+"""The classic recipe's trainer (train.recipe: classic): this project's previous GPT (speedrun/model.py)
+with Muon and Adam, its batch schedule and its warm-up, on the speedrun's training loop
+(speedrun/loop.py: clock, validation, checkpoints, signals, metrics).
 """
 from __future__ import annotations
 
@@ -12,12 +9,7 @@ import dataclasses
 import gc
 import hashlib
 import json
-import math
-import os
-import signal
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,114 +18,24 @@ from . import checkpoint as ckpt
 from .errors import ParamError, SpeedrunError
 from .evaluate import evaluate_loss
 from .loader import BatchLoader, TokenStream
+from .loop import Paths, TrainingLoop, shard_manifest
+from .metrics import device_name
 from .mlp import kernels_run_on
-from .metrics import (TRAIN_HEADLINE, Stopwatch, device_name, fmt_duration, fmt_rate, git_commit, write_metrics,
-                      measure_bf16_tflops, peak_host_memory_gib, peak_memory_gib)
-from .model import BLOCK_SIZE, EOT_ID, GPT, GPTConfig, build_model, flops_per_token, matmul_params, param_groups
+from .model import BLOCK_SIZE, EOT_ID, GPT, build_model, flops_per_token, matmul_params, param_groups
 from .optimizer import build_optimizers, set_lr
-from .params import multiple_of, param
-from .schedule import BatchSchedule, lr_multiplier, mtp_weights, muon_momentum, window_blocks
-from .shards import MANIFEST, load_manifest, shard_paths, verify_shards
+from .resume import Interrupted, StopRequest
+from .runtime import (compile_regions, compiled_graphs, finish_distributed, fp8_wanted, init_distributed,
+                      training_device)
+from .schedule import lr_multiplier, mtp_weights, muon_momentum, window_blocks
+from .shards import shard_paths
+from .train_params import CPU_TINY, TrainParams, batch_schedule, effective, model_config, tiny_run_sizes
 
+# what stages, benchmarks and tests import from here, several of them defined below this module
+__all__ = ["CPU_TINY", "LATER_RECIPE_KEYS", "RUN_CONTROL_KEYS", "Interrupted", "Paths", "Run", "StopRequest",
+           "TrainParams", "batch_schedule", "compile_regions", "compiled_graphs", "effective", "enable_fp8",
+           "finish_distributed", "fingerprint", "fp8_wanted", "init_distributed", "model_config",
+           "tiny_run_sizes"]
 
-
-@dataclasses.dataclass
-class TrainParams:
-    recipe: str = param("record", choices=["record", "classic"])
-    profile: str = param("gpu", choices=["gpu", "cpu-tiny"])
-    nproc: int = param(1, ge=1, le=8)
-    seed: int = param(1337, ge=0)
-    vocab_size: int = param(50304, ge=50257)
-    n_layer: int = param(12, ge=2, check=lambda v: None if v % 2 == 0 else "must be even")
-    model_dim: int = param(768, ge=16)
-    n_head: int = param(6, ge=1)
-    head_dim: int = param(128, ge=8, check=lambda v: None if v % 4 == 0 else "must be a multiple of 4")
-    n_kv_head: int = param(1, ge=0)
-    value_embeds: int = param(3, ge=0)
-    no_attn_layer: int = param(7, ge=-1)
-    logit_cap: float = param(30.0, gt=0)
-    attn_gate: bool = param(False)
-    bigram_vocab: int = param(0, ge=0, check=lambda v: None if v != 1 else "must be 0 (off) or >= 2")
-    key_offset: bool = param(True)
-    backout_layer: int = param(-1, ge=-1)
-    ve_gates: bool = param(False)
-    batch_tokens: int = param(524288, ge=BLOCK_SIZE)
-    micro_batch_tokens: int = param(32768, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
-    batch_stages: list[float] = param([1.0], gt=0, le=1)
-    batch_stage_lr: list[float] = param([1.0], gt=0)
-    steps: int = param(1400, ge=1)
-    window_start: int = param(256, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
-    window_end: int = param(1792, ge=BLOCK_SIZE, check=multiple_of(BLOCK_SIZE))
-    muon_lr: float = param(0.05, gt=0)
-    muon_momentum_start: float = param(0.85, ge=0, lt=1)
-    muon_momentum_end: float = param(0.95, ge=0, lt=1)
-    muon_momentum_warmup: int = param(300, ge=0)
-    muon_ns_steps: int = param(5, ge=1, le=20)
-    muon_coeffs: str = param("polar-express", choices=["newton-schulz", "polar-express"])
-    muon_normuon: bool = param(True)
-    muon_weight_decay: float = param(0.0, ge=0)
-    embed_lr: float = param(0.6, gt=0)
-    head_lr: float = param(0.008, gt=0)
-    scalar_lr: float = param(0.04, gt=0)
-    adam_beta1: float = param(0.8, ge=0, lt=1)
-    adam_beta2: float = param(0.95, ge=0, lt=1)
-    mtp_weights: list[float] = param([], ge=0)
-    cooldown_frac: float = param(0.4, ge=0, le=1)
-    final_lr_frac: float = param(0.1, ge=0, le=1)
-    val_every: int = param(125, ge=0)
-    val_tokens: int = param(10485760, ge=BLOCK_SIZE)
-    target_val_loss: float = param(3.28, gt=0)
-    ckpt_every: int = param(200, ge=0)
-    compile: bool = param(True)
-    fp8: str = param("off", choices=["auto", "on", "off"])
-    fp8_head: str = param("auto", choices=["auto", "on", "off"])
-    fused_ce: bool = param(True)
-    fused_mlp: bool = param(True)
-    fp8_mlp: str = param("auto", choices=["auto", "on", "off"])
-    fp8_attn: str = param("off", choices=["auto", "on", "off"])
-    fast_tanh: bool = param(True)
-    warmup_steps: int = param(3, ge=0)
-
-    def validate(self) -> None:
-        p = effective(self)
-        if p.batch_tokens % p.micro_batch_tokens:
-            raise ParamError(f"params.yaml: train.batch_tokens ({p.batch_tokens}) must be a multiple "
-                             f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
-        if p.val_tokens % p.micro_batch_tokens:
-            raise ParamError(f"params.yaml: train.val_tokens ({p.val_tokens}) must be a multiple "
-                             f"of train.micro_batch_tokens ({p.micro_batch_tokens})")
-        if p.value_embeds > p.n_layer // 2:
-            raise ParamError(f"params.yaml: train.value_embeds must be <= n_layer/2 ({p.n_layer // 2})")
-        if p.n_kv_head and p.n_head % p.n_kv_head:
-            raise ParamError(f"params.yaml: train.n_kv_head ({p.n_kv_head}) must divide train.n_head "
-                             f"({p.n_head}); 0 = one key/value head per query head")
-        if p.backout_layer >= p.n_layer - 1:
-            raise ParamError(f"params.yaml: train.backout_layer must be -1 (off) or a block before the "
-                             f"last (0..{p.n_layer - 2}), got {p.backout_layer}")
-        if p.window_end < p.window_start:
-            raise ParamError("params.yaml: train.window_end must be >= train.window_start")
-        if not p.batch_stages:
-            raise ParamError("params.yaml: train.batch_stages must list at least one fraction ([1.0]: constant)")
-        if p.batch_stage_lr and len(p.batch_stage_lr) != len(p.batch_stages):
-            raise ParamError(f"params.yaml: train.batch_stage_lr needs one multiplier per batch stage "
-                             f"({len(p.batch_stages)}), got {len(p.batch_stage_lr)}; [] = x1 for every stage")
-        if len(p.batch_stages) > p.steps:
-            raise ParamError("params.yaml: train.batch_stages has more stages than train.steps")
-        if len(p.mtp_weights) > 3:
-            raise ParamError("params.yaml: train.mtp_weights takes at most 3 extra targets")
-
-
-# build each micro-batch's attention masks before the previous backward (False: after it, as a
-# plain loop would; benchmarks.throughput's `masks_after_backward` variant measures the difference)
-PREFETCH_MASKS = True
-# move everything alive after the warm-up out of the garbage collector's reach (see warmup())
-FREEZE_GC = True
-
-# The tiny CPU profile: same code path, a model small enough to train in seconds on a laptop CPU.
-CPU_TINY = dict(n_layer=2, model_dim=64, n_head=2, head_dim=32, value_embeds=1, no_attn_layer=-1,
-                batch_tokens=1024, micro_batch_tokens=256, window_start=128, window_end=256,
-                compile=False, fp8="off", fp8_head="off", fp8_mlp="off", fp8_attn="off",
-                warmup_steps=0)
 
 # keys that do not change what a run computes: a checkpoint made under other values still resumes
 RUN_CONTROL_KEYS = {"recipe", "nproc", "val_every", "ckpt_every", "target_val_loss", "compile", "warmup_steps", "fp8",
@@ -146,103 +48,12 @@ LATER_RECIPE_KEYS = {"muon_coeffs": "newton-schulz", "muon_normuon": False, "muo
                      "mtp_weights": [], "n_kv_head": 0, "key_offset": False, "backout_layer": -1, "ve_gates": False}
 
 
-# ...and its run length and validation size, where params.yaml leaves the GPU run's (a full
-# validation split is minutes of CPU per pass): both recipes; an explicit value is kept
-CPU_TINY_RUN = dict(steps=20, val_tokens=8192)
-
-
-def tiny_run_sizes(p: TrainParams) -> TrainParams:
-    if p.profile != "cpu-tiny":
-        return p
-    default = TrainParams()
-    return dataclasses.replace(p, **{k: v for k, v in CPU_TINY_RUN.items() if getattr(p, k) == getattr(default, k)})
-
-
-def effective(p: TrainParams) -> TrainParams:
-    if p.profile != "cpu-tiny":
-        return p
-    # the tiny model has 2 blocks: a backout (if on) takes the first one's output
-    return tiny_run_sizes(dataclasses.replace(p, **CPU_TINY,
-                                              backout_layer=min(p.backout_layer, CPU_TINY["n_layer"] - 2)))
-
-
-def batch_schedule(p: TrainParams, world: int = 1) -> BatchSchedule:
-    """Tokens per step over the run; every stage a whole number of micro-batches on each process."""
-    s = BatchSchedule(p.steps, p.batch_tokens, p.batch_stages, p.batch_stage_lr, p.micro_batch_tokens * world)
-    if min(s.tokens_per_stage) == 0:
-        raise ParamError(f"params.yaml: train.batch_stages {p.batch_stages} of {p.batch_tokens:,} tokens leaves "
-                         f"a stage with no whole micro-batch of {p.micro_batch_tokens:,} x {world} process(es)")
-    return s
-
-
-def model_config(p: TrainParams) -> GPTConfig:
-    return GPTConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, model_dim=p.model_dim,
-                     n_head=p.n_head, head_dim=p.head_dim, n_kv_head=p.n_kv_head, value_embeds=p.value_embeds,
-                     no_attn_layer=p.no_attn_layer, logit_cap=p.logit_cap, attn_gate=p.attn_gate,
-                     bigram_vocab=p.bigram_vocab, key_offset=p.key_offset, backout_layer=p.backout_layer,
-                     ve_gates=p.ve_gates, max_seq_len=p.micro_batch_tokens)
-
-
 def fingerprint(p: TrainParams, manifest: dict) -> str:
     """Identity of a run: what it trains on and with which trajectory-relevant settings."""
     keys = {k: v for k, v in dataclasses.asdict(p).items() if k not in RUN_CONTROL_KEYS
             and not (k in LATER_RECIPE_KEYS and v == LATER_RECIPE_KEYS[k])}
     data = [s.get("sha256", s.get("file")) for s in manifest.get("train", [])]
     return hashlib.sha256(json.dumps([keys, data], sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- setup helpers
-
-def dataset_name(manifest: dict) -> str:
-    """'HuggingFaceFW/fineweb-edu', or 'local:train.jsonl.xz' for local files."""
-    src = manifest.get("source")
-    if isinstance(src, dict):
-        if src.get("dataset"):
-            return str(src["dataset"])
-        globs = src.get("local_globs") or []
-        return "local:" + ",".join(Path(g).name for g in globs) if globs else str(src.get("source"))
-    return str(src or manifest.get("dataset") or "unknown")
-
-
-def init_distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return rank, world, local
-
-
-def finish_distributed() -> None:
-    """Tear the process group down before exit: a gloo group left to interpreter shutdown can
-    abort its rank ("terminate called without an active exception") after the work is done."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def pick_device(p: TrainParams, local_rank: int) -> torch.device:
-    if p.profile == "cpu-tiny":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SpeedrunError("no CUDA GPU found: the gpu profile needs one. To run on CPU, use the tiny "
-                            "test profile: dvc exp run -S train.profile=cpu-tiny")
-    return torch.device("cuda", local_rank)
-
-
-def fp8_wanted(mode: str, device: torch.device, key: str) -> bool:
-    """auto/on/off -> whether to use FP8 here (tensor cores with FP8 need compute capability 8.9+)."""
-    if mode == "off" or device.type != "cuda":
-        return False
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 9):
-        if mode == "on":
-            raise SpeedrunError(f"train.{key}=on needs compute capability >= 8.9; "
-                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: set train.{key}=auto")
-        return False
-    return True
 
 
 def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
@@ -259,110 +70,7 @@ def enable_fp8(model: GPT, mode: str, device: torch.device) -> bool:
     return True
 
 
-def truncate_live_logs(live_dir: Path, step: int) -> None:
-    """Drop DVCLive rows past `step`: after a crash they were logged but not checkpointed, and the
-    resumed run logs those steps again. Train rows carry the step just done (<= step is kept);
-    a validation row at `step` itself was taken before the checkpoint, so it stays too."""
-    for tsv in Path(live_dir).glob("plots/metrics/**/*.tsv"):
-        lines = tsv.read_text().splitlines(keepends=True)
-        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t", 1)[0]) <= step]
-        if len(kept) != len(lines):
-            from .atomic import write_text
-
-            write_text(tsv, "".join(kept))
-
-
-# What one compiled graph spans: "blocks" = each transformer block (five distinct graphs, about a
-# minute cold); "stack" = all blocks in one graph (model.run_blocks), so inductor can fuse across
-# block borders: the bf16 sums of x0's and the value embeddings' gradients over the blocks that
-# read them (~15 ms per step in profile r6), the skip adds, and no host gap between blocks.
-# Same math either way. H200: +1.5% tok/s with multi-query attention (692k vs 682k, throughput
-# r32), +0.6% without (r30), and a shorter cold compile (65-68 s vs 78-81 s)
-COMPILE_SCOPE = "stack"
-
-
-def compile_regions(model: GPT) -> None:
-    """Compile the block stack (COMPILE_SCOPE), the embedding prelude and the head/loss as
-    regions of their own. The table lookups stay outside (their backward writes .grad itself), and
-    the fused head is a hand-written kernel.
-    """
-    # The blocks share one code object (Block.forward) but differ in what the guards see (value
-    # embedding or not, attention or not, skip input or not, block 0's x is x0, grad mode for
-    # validation): about a dozen graphs. Past dynamo's default limit of 8 the rest would run
-    # EAGER, silently (measured: 1064 ms/step with the limit hit).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # never fall back silently
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
-    if COMPILE_SCOPE == "stack":
-        model.run_blocks = torch.compile(model.run_blocks, dynamic=False)
-    else:
-        for block in model.blocks:
-            block.compile(dynamic=False)
-    model.embed_inputs = torch.compile(model.embed_inputs, dynamic=False)
-    if not model.fused_ce:  # the fused head is a hand-written kernel already
-        model.loss = torch.compile(model.loss, dynamic=False)
-        model.mtp_loss = torch.compile(model.mtp_loss, dynamic=False)
-
-
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled so far in this process (0 where it was never imported: nothing
-    was compiled, and importing it only to read 0 costs seconds on a CPU-only machine)."""
-    if "torch._dynamo" not in sys.modules:
-        return 0
-    import torch._dynamo.utils as dyn_utils
-    return dyn_utils.counters["stats"]["unique_graphs"]
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    REPEAT_GRACE_S = 10.0
-
-    def __init__(self):
-        self.signum = None
-        self._first = 0.0
-        self._old = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            # Ctrl-C under `dvc repro` reaches us as SIGINT from the terminal and SIGTERM from
-            # torchrun at once: one request. Only a signal after the grace period aborts unsaved.
-            if time.monotonic() - self._first > self.REPEAT_GRACE_S:
-                raise KeyboardInterrupt
-            return
-        self.signum, self._first = signum, time.monotonic()
-        print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
-              flush=True)
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class Interrupted(SpeedrunError):
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# ----------------------------------------------------------------------------- the run
-
-@dataclasses.dataclass
-class Paths:
-    shards: Path
-    checkpoints: Path       # resumable state (DVC persist output)
-    final: Path             # final weights + config for evaluate_val / export_hf
-    metrics: Path           # metrics/train.json
-    live: Path | None       # DVCLive directory (None: no per-step files)
-
-    @property
-    def latest(self) -> Path:
-        return self.checkpoints / "latest.pt"
-
-
-class Run:
+class Run(TrainingLoop):
     def __init__(self, params: TrainParams, paths: Paths, log=print):
         self.p = effective(params)
         self.paths = paths
@@ -371,22 +79,19 @@ class Run:
         self.rank, self.world, local = init_distributed()
         self.master = self.rank == 0
         self.log = log if self.master else (lambda *a, **k: None)
-        self.device = pick_device(self.p, local)
+        self.device = training_device(self.p.profile, local)
         if replaced:
             self.log(f"profile cpu-tiny replaces train.{', train.'.join(replaced)} with its own values")
         if self.p.batch_tokens % (self.p.micro_batch_tokens * self.world):
             raise ParamError(f"train.batch_tokens ({self.p.batch_tokens}) must split evenly into "
                              f"micro-batches of {self.p.micro_batch_tokens} over {self.world} processes")
-        # foreign shards (llm.c / modded-nanogpt downloads) come without our manifest
-        self.manifest = load_manifest(paths.shards) if (paths.shards / MANIFEST).exists() else {
-            "train": [{"file": q.name} for q in shard_paths(paths.shards, "train")]}
+        self.manifest = shard_manifest(paths.shards)
         self.train_stream = TokenStream(shard_paths(paths.shards, "train"))
         self.val_stream = TokenStream(shard_paths(paths.shards, "val"))
         self.fingerprint = fingerprint(self.p, self.manifest)
         self.schedule = batch_schedule(self.p, self.world)
 
     def check_data(self) -> None:
-        """Enough tokens for every step and the validation, checked before anything compiles."""
         p = self.p
         need = self.schedule.total + 1
         if len(self.train_stream) < need:
@@ -432,6 +137,7 @@ class Run:
         if p.compile:
             compile_regions(self.model)
         self.fwd = self.model
+        self._window = torch.tensor(1, dtype=torch.int32, device=self.device)   # filled per step
 
     def _new_optimizers(self):
         p = self.p
@@ -441,10 +147,6 @@ class Run:
             betas=(p.adam_beta1, p.adam_beta2), compile=p.compile,
             muon_coeffs=p.muon_coeffs, muon_normuon=p.muon_normuon, muon_weight_decay=p.muon_weight_decay)
         self.optimizers = (self.adam, self.muon)
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, step: int, batches, window: torch.Tensor) -> torch.Tensor:
@@ -460,14 +162,12 @@ class Run:
         masks = self.model.attention_masks(batches[0][0], window)
         for i, (x, y) in enumerate(batches):
             objective, ce = self.model.train_loss(x, y, window, mtp, masks)
-            if PREFETCH_MASKS and i + 1 < len(batches):
+            if i + 1 < len(batches):
                 # the next micro-batch's masks: ~30 small host-heavy ops, built here while the GPU
                 # still has this forward queued; built after backward, the GPU would drain and wait
                 masks = self.model.attention_masks(batches[i + 1][0], window)
             (objective / n_micro).backward()
             loss_sum += ce / n_micro
-            if not PREFETCH_MASKS and i + 1 < len(batches):
-                masks = self.model.attention_masks(batches[i + 1][0], window)
         if self.world > 1:
             grads = [q.grad for q in self.model.parameters() if q.grad is not None]
             handles = [dist.all_reduce(g, async_op=True) for g in grads]  # sum of 1/n_micro shares
@@ -515,50 +215,14 @@ class Run:
         self.model.load_state_dict(self.initial_state)
         self._new_optimizers()
         self.model.zero_grad(set_to_none=True)
-        if FREEZE_GC:
-            # compilation leaves millions of long-lived Python objects (graphs, guards, code): a
-            # generation-2 collection walks them all and took 467 ms in one step of throughput
-            # r26 (H100 host). Frozen, they are never scanned again; new garbage is still collected
-            gc.collect()
-            gc.freeze()
+        # compilation leaves millions of long-lived Python objects (graphs, guards, code), and a
+        # generation-2 collection inside a timed step would walk them all: a long stall. Frozen,
+        # they are never scanned again; new garbage is still collected
+        gc.collect()
+        gc.freeze()
         return time.perf_counter() - t0
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def _finite_or_raise(self, step: int, loss: float | None):
-        bad = loss is not None and not math.isfinite(loss)
-        if not bad:
-            norms = torch._foreach_norm([q.detach() for q in self.model.parameters()])
-            bad = not bool(torch.isfinite(torch.stack(norms)).all())
-        if bad:
-            kept = f"the last good checkpoint {self.paths.latest} is kept" if self.paths.latest.exists() \
-                else "no checkpoint had been written yet"
-            what = f"loss {loss}" if loss is not None and not math.isfinite(loss) else \
-                f"non-finite weights (last loss {loss})"
-            raise SpeedrunError(f"training diverged: {what} by step {step}; "
-                                f"stopped, {kept}. Lower the learning rates (train.muon_lr, "
-                                f"train.embed_lr, train.head_lr) or check the data")
-
-    def save_checkpoint(self, step: int, progress: dict, last_loss: float | None):
-        self._finite_or_raise(step, last_loss)
-        if not self.master:
-            return
-        state = {"format": ckpt.FORMAT, "fingerprint": self.fingerprint, "step": step,
-                 **self.train_state(), "rng": ckpt.rng_state(), "progress": progress}
-        ckpt.save(self.paths.latest, state)
-
-    def try_resume(self) -> tuple[int, dict] | None:
-        path = self.paths.latest
-        if not path.exists():
-            return None
-        state = ckpt.load(path)
-        if state.get("fingerprint") != self.fingerprint:
-            self.log(f"checkpoint {path} belongs to another configuration or dataset: starting fresh")
-            return None
-        self.load_train_state(state)
-        ckpt.set_rng_state(state["rng"])
-        return int(state["step"]), dict(state["progress"])
-
-    # -- what the loop asks of a recipe (the record's: speedrun/record/trainer.py) -------------
+    # -- the loop's hooks (speedrun/loop.py) ------------------------------------------------
     @property
     def n_steps(self) -> int:
         return self.p.steps
@@ -568,7 +232,6 @@ class Run:
                                    self.rank, self.world, self.device)
 
     def step(self, step: int) -> torch.Tensor:
-        """Train one step; returns its loss as a device tensor (read a step later: no stall)."""
         return self.train_step(step, self._loader.get(step), self.window_tensor(step))
 
     def tokens_before(self, step: int) -> int:
@@ -598,7 +261,6 @@ class Run:
                 f"train.fp8=auto/on")
 
     def step_report(self, step: int) -> tuple[int, float, int]:
-        """(tokens of this step, lr multiplier, attention window in tokens) for the step log."""
         p = self.p
         lr = self.optimizers[1].param_groups[0]["lr"] / self.optimizers[1].param_groups[0]["base_lr"]
         wb = window_blocks(step, p.steps, p.window_start, p.window_end) * BLOCK_SIZE
@@ -630,7 +292,6 @@ class Run:
             "fingerprint": self.fingerprint})
 
     def vocab_rows(self) -> int:
-        """Rows of the token embedding: every id in the shards must index one."""
         return self.p.vocab_size
 
     def run_flags(self) -> dict:
@@ -638,224 +299,3 @@ class Run:
         return {"fp8": self.fp8, "fp8_head": self.fp8_head, "fused_ce": p.fused_ce,
                 "fused_mlp": self.fused_mlp, "fp8_mlp": self.fp8_mlp, "fp8_attn": self.fp8_attn,
                 "fast_tanh": p.fast_tanh}
-
-    # -- main -------------------------------------------------------------------------------
-    def run(self) -> dict:
-        p = self.p
-        wall0 = time.perf_counter()
-        verify_shards(self.paths.shards, self.vocab_rows(), log=self.log if self.master else None)
-        self.check_data()
-        self._build()
-        self._window = torch.tensor(1, dtype=torch.int32, device=self.device)
-        peak_tflops = measure_bf16_tflops(self.device) if self.master else None
-        compile_s = self.warmup()
-        graphs_after_warmup = compiled_graphs()
-
-        resumed = self.try_resume()
-        start_step, progress = resumed if resumed else (0, {})
-        self._resumed_step = start_step
-        if resumed:
-            self.log(f"resuming from step {start_step} ({self.paths.latest})")
-        progress.setdefault("train_time_s", 0.0)
-        progress.setdefault("val_time_s", 0.0)
-        progress.setdefault("checkpoint_time_s", 0.0)
-        progress.setdefault("val_history", [])
-        progress.setdefault("target", None)
-        progress.setdefault("peak_tokens_per_s", 0.0)
-        progress.setdefault("compile_time_s", []).append(round(compile_s, 3))
-        progress.setdefault("resumed_at", [])
-        if resumed:
-            progress["resumed_at"].append(start_step)
-            # target_val_loss is a run-control key: judge the restored history by today's target
-            hit = next((h for h in progress["val_history"] if h["val_loss"] <= p.target_val_loss), None)
-            progress["target"] = ({"step": hit["step"], "tokens": hit["tokens"],
-                                   "train_time_s": hit["train_time_s"]} if hit else None)
-
-        live = self._open_live(resumed=resumed is not None)
-        self.begin_steps(start_step)
-        clock = Stopwatch(progress["train_time_s"], sync=self._sync)
-        stop = StopRequest()
-        flops_tok = self.flops_per_token()
-        self.log(self.describe(compile_s))
-        self._last_report, self._rate = None, None
-        pending = None           # (step, loss tensor), logged one step late: no stall
-        last_loss = None
-        interval = (start_step, clock.peek())   # (step, training seconds) at the last validation
-        try:
-            clock.start()
-            for step in range(start_step, self.n_steps + 1):
-                last = step == self.n_steps
-                if pending is not None:
-                    last_loss = self._report(pending, clock, live)
-                    pending = None
-                history = progress["val_history"]
-                already = bool(history) and history[-1]["step"] == step  # resumed at a validated step
-                if not already and (last or (p.val_every and step % p.val_every == 0 and step > start_step)):
-                    clock.stop()
-                    # peak tokens/s over a whole validation interval (steady, includes no val time)
-                    s0, c0 = interval
-                    if step > s0 and clock.total > c0:
-                        rate = (self.tokens_before(step) - self.tokens_before(s0)) / (clock.total - c0)
-                        progress["peak_tokens_per_s"] = max(progress["peak_tokens_per_s"], rate)
-                    self._validate(step, progress, clock, live)
-                    interval = (step, clock.total)
-                    clock.start()
-                save_due = last or (p.ckpt_every and step % p.ckpt_every == 0 and step > start_step)
-                if stop.signum is not None or self._peer_stop(stop):
-                    clock.stop()
-                    progress["train_time_s"] = clock.total
-                    self.save_checkpoint(step, progress, last_loss)
-                    raise Interrupted(f"stopped at step {step}, checkpoint saved to {self.paths.latest}; "
-                                      f"run `dvc repro` again to resume", 130)
-                if save_due:
-                    clock.stop()
-                    t = time.perf_counter()
-                    progress["train_time_s"] = clock.total
-                    self.save_checkpoint(step, progress, last_loss)
-                    progress["checkpoint_time_s"] += time.perf_counter() - t
-                    clock.start()
-                if last:
-                    break
-                pending = (step, self.step(step))
-            clock.stop()
-        except torch.cuda.OutOfMemoryError:
-            raise SpeedrunError(self.oom_advice()) from None
-        finally:
-            stop.restore()
-        progress["train_time_s"] = clock.total
-        self.val_history = progress["val_history"]
-        recompiles = compiled_graphs() - graphs_after_warmup
-        metrics = self._finish(progress, wall0, compile_s, recompiles, peak_tflops, flops_tok)
-        if live is not None:
-            live.end()
-        if self.world > 1:
-            dist.barrier()
-        return metrics
-
-    def _peer_stop(self, stop: StopRequest) -> bool:
-        """With several processes, all must stop at the same step (else collectives hang)."""
-        if self.world == 1:
-            return False
-        flag = torch.tensor([1 if stop.signum is not None else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _report(self, pending, clock, live) -> float:
-        step, loss_t = pending
-        loss = loss_t.item()   # the step before the one just queued: already done, no stall
-        if not math.isfinite(loss):
-            self._finite_or_raise(step, loss)
-        now = time.perf_counter()
-        dt = now - self._last_report if self._last_report is not None else None
-        self._last_report = now
-        done = step + 1
-        elapsed = clock.peek()
-        step_tokens, lr, wb = self.step_report(step)
-        tok_s = step_tokens / dt if dt else float("nan")
-        if dt:   # the ETA follows a smoothed rate over the tokens left: one slow step cannot swing it
-            self._rate = tok_s if self._rate is None else 0.9 * self._rate + 0.1 * tok_s
-        tokens = self.tokens_before(done)
-        eta = (self.total_tokens() - tokens) / self._rate if dt else float("nan")
-        self.log(f"step {done:5d}/{self.n_steps} | loss {loss:.4f} | "
-                 f"{(dt or 0) * 1e3:7.1f} ms | {fmt_rate(tok_s) if dt else '   -  '} tok/s | "
-                 f"window {wb:4d} | lr x{lr:.3f} | train {fmt_duration(elapsed)} | "
-                 f"ETA {fmt_duration(eta) if dt else '-'}", flush=True)
-        if live is not None:
-            live.step = done
-            live.log_metric("train/loss", loss)
-            live.log_metric("train/lr_multiplier", lr)
-            live.log_metric("train/tokens", tokens)
-            live.log_metric("train/seconds", round(elapsed, 3))
-            if dt:
-                live.log_metric("train/tokens_per_s", round(tok_s, 1))
-        return loss
-
-    def _validate(self, step: int, progress: dict, clock: Stopwatch, live):
-        p = self.p
-        t = time.perf_counter()
-        val = self.val_loss(step)
-        took = time.perf_counter() - t
-        progress["val_time_s"] += took
-        tokens = self.tokens_before(step)
-        entry = {"step": step, "tokens": tokens, "train_time_s": round(clock.total, 3),
-                 "val_loss": round(val, 5)}
-        progress["val_history"].append(entry)
-        hit = ""
-        if progress["target"] is None and val <= p.target_val_loss:
-            progress["target"] = {"step": step, "tokens": tokens, "train_time_s": clock.total}
-            hit = f"  <- target {p.target_val_loss} reached"
-        self.log(f"step {step:5d}/{self.n_steps} | val_loss {val:.4f} | train_time {clock.total:.1f}s | "
-                 f"tokens {tokens:,} | val took {took:.1f}s{hit}", flush=True)
-        if live is not None:
-            live.step = step
-            live.log_metric("val/loss", val)
-            live.log_metric("val/tokens", tokens)
-            live.log_metric("val/seconds", round(clock.total, 3))
-
-    def _open_live(self, resumed: bool):
-        if not self.master or self.paths.live is None:
-            return None
-        try:
-            from dvclive import Live
-        except ImportError:  # e.g. a bare GPU box: train anyway, say what is missing
-            self.log("dvclive is not installed: per-step curves are not written (pip install dvclive)")
-            return None
-        if resumed:
-            truncate_live_logs(self.paths.live, self._resumed_step)
-        return Live(dir=str(self.paths.live), dvcyaml=False, resume=resumed, save_dvc_exp=False,
-                    report=None)
-
-    def _finish(self, progress, wall0, compile_s, recompiles, peak_tflops, flops_tok) -> dict:
-        p = self.p
-        tokens = self.total_tokens()
-        train_s = progress["train_time_s"]
-        tok_s = tokens / train_s if train_s > 0 else 0.0
-        mem_alloc, mem_reserved = peak_memory_gib(self.device)
-        target = progress["target"]
-        final_val = progress["val_history"][-1]["val_loss"] if progress["val_history"] else None
-        dataset = dataset_name(self.manifest)
-        metrics = {
-            "dataset": dataset,
-            "target": p.target_val_loss,
-            "reached_target": target is not None,
-            "time_to_target_s": round(target["train_time_s"], 3) if target else None,
-            "tokens_to_target": target["tokens"] if target else None,
-            "step_to_target": target["step"] if target else None,
-            "final_val_loss": final_val,
-            "steps": self.n_steps,
-            "tokens": tokens,
-            "train_time_s": round(train_s, 3),
-            "compile_time_s": round(sum(progress["compile_time_s"]), 3),
-            "val_time_s": round(progress["val_time_s"], 3),
-            "checkpoint_time_s": round(progress["checkpoint_time_s"], 3),
-            "wall_time_s": round(time.perf_counter() - wall0, 3),
-            "tokens_per_s": round(tok_s, 1),
-            "peak_tokens_per_s": round(max(progress["peak_tokens_per_s"], 0.0), 1),
-            "tokens_per_s_per_gpu": round(tok_s / self.world, 1),
-            "mfu": round(flops_tok * tok_s / self.world / (peak_tflops * 1e12), 4) if peak_tflops else None,
-            "matmul_peak_tflops": round(peak_tflops, 1) if peak_tflops else None,
-            "peak_memory_gib": round(mem_alloc, 3) if mem_alloc is not None else None,
-            "peak_memory_reserved_gib": round(mem_reserved, 3) if mem_reserved is not None else None,
-            "peak_host_memory_gib": round(peak_host_memory_gib(), 3),
-            "gpu": device_name(self.device),
-            "world_size": self.world,
-            "profile": p.profile,
-            "recipe": p.recipe,
-            **self.run_flags(),
-            "compile": p.compile,
-            "recompiles_after_warmup": int(recompiles),
-            "resumed_at_steps": progress["resumed_at"],
-            "torch_version": torch.__version__,
-            "seed": p.seed,
-            "git_commit": git_commit(),
-        }
-        if self.master:
-            write_metrics(self.paths.metrics, metrics, TRAIN_HEADLINE)
-            ckpt.save(self.paths.final, self.final_state(final_val))
-            verdict = (f"reached {p.target_val_loss} in {metrics['time_to_target_s']:.1f}s of training "
-                       f"({metrics['tokens_to_target']:,} tokens)" if target else
-                       f"did NOT reach {p.target_val_loss} (final val_loss {final_val})")
-            self.log(f"done: {verdict} | {fmt_rate(tok_s)} tok/s | compile {metrics['compile_time_s']:.1f}s"
-                     + (f" | peak GPU memory {metrics['peak_memory_gib']:.1f} GiB" if metrics["peak_memory_gib"]
-                        else f" | peak memory {metrics['peak_host_memory_gib']:.1f} GiB (process)"))
-        return metrics

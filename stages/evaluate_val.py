@@ -14,7 +14,7 @@ from speedrun.evaluate import EvaluateParams, evaluate, target_loss
 from speedrun.metrics import EVAL_HEADLINE, write_metrics
 from speedrun.params import load_section
 from speedrun.plots import plot_curves, read_curve
-from speedrun.train import finish_distributed, init_distributed
+from speedrun.runtime import finish_distributed, init_distributed
 
 
 @stage_main

@@ -13,7 +13,8 @@ from pathlib import Path
 from speedrun.errors import stage_main
 from speedrun.launch import torchrun, under_launcher
 from speedrun.params import load_yaml, parse_section
-from speedrun.train import Paths, Run, TrainParams, finish_distributed
+from speedrun.runtime import finish_distributed
+from speedrun.train import Paths, Run, TrainParams
 
 
 @stage_main

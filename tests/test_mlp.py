@@ -18,7 +18,6 @@ from conftest import PROJECT
 from test_head import needs_triton
 from test_recipe import train_cpu_tiny
 
-import speedrun.mlp as mlp
 from speedrun.fp8 import quantize_rows
 from speedrun.mlp import reference_mlp, relu2_mlp
 from speedrun.model import MLP, norm
@@ -31,10 +30,8 @@ def _grads(fn, x, w1, w2, g):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("save_pre", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_ops_give_the_unfused_mlp_and_its_gradients(dtype, save_pre, monkeypatch):
-    monkeypatch.setattr(mlp, "SAVE_PRE", save_pre)
+def test_cpu_ops_give_the_unfused_mlp_and_its_gradients(dtype):
     torch.manual_seed(0)
     x = torch.randn(2, 24, 32).to(dtype)
     w1, w2 = (torch.randn(128, 32) / 6).to(dtype), (torch.randn(32, 128) / 11).to(dtype)
@@ -135,18 +132,16 @@ out = []
 for M, K, N in [(64, 32, 128), (50, 48, 72)]:
     x, g = torch.randn(M, K), torch.randn(M, K)
     w1, w2 = torch.randn(N, K) / K ** 0.5, torch.randn(K, N) / N ** 0.5
-    for save_pre in (False, True):   # the default kernels (post kept) and the first version's
-        mlp.SAVE_PRE = save_pre
-        res = []
-        for fn in (mlp.relu2_mlp, mlp.reference_mlp):
-            leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
-            y = fn(*leaves)
-            y.backward(g)
-            res.append([y.detach()] + [t.grad for t in leaves])
-        post = mlp.linear_relu2_keep_pre(x, w1)[1] if save_pre else mlp.linear_relu2(x, w1)
-        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(*res)]
-        out.append({"shape": [M, K, N], "save_pre": save_pre, "errs": errs,
-                    "post_err": ((post - torch.relu(x @ w1.t()).square()).norm()).item()})
+    res = []
+    for fn in (mlp.relu2_mlp, mlp.reference_mlp):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+        y = fn(*leaves)
+        y.backward(g)
+        res.append([y.detach()] + [t.grad for t in leaves])
+    post = mlp.linear_relu2(x, w1)
+    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(*res)]
+    out.append({"shape": [M, K, N], "errs": errs,
+                "post_err": ((post - torch.relu(x @ w1.t()).square()).norm()).item()})
     # FP8 kernels against the same math on the dequantized operands (K * 1 byte: TMA's 16-byte rows)
     xq, sx = quantize_rows(x)
     wq, sw = quantize_rows(w1)
@@ -170,6 +165,6 @@ def test_interpreted_kernels_match_the_unfused_mlp():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cases = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(cases) == 6 and all(c["kernels"] for c in cases if c.get("fp8"))
+    assert len(cases) == 4 and all(c["kernels"] for c in cases if c.get("fp8"))
     for case in cases:
         assert max(case["errs"]) < 1e-5 and case["post_err"] < 1e-4, case

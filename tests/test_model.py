@@ -161,42 +161,6 @@ def test_record_switches_add_small_adam_parameters_and_start_as_the_plain_model(
         assert not torch.allclose(model.hidden_states(tokens, wb), plain.hidden_states(tokens, wb), atol=1e-3)
 
 
-@pytest.mark.parametrize("switches", [dict(attn_gate=True), dict(ve_gates=True), dict(attn_gate=True, ve_gates=True)],
-                         ids=["attn_gate", "ve_gates", "both"])
-def test_gates_folded_into_the_qkv_matmul_give_the_same_numbers(switches, monkeypatch):
-    """model.FOLD_GATES computes the gates' logits as extra (zero-padded) rows of the q/k/v matmul:
-    an execution choice, so the loss and every gradient must equal the separate small matmuls',
-    and only the gates' own 12 columns may learn (the padding is not a parameter)."""
-    import speedrun.model as model_mod
-
-    tokens, wb = _tokens([0, 200]), torch.tensor(2, dtype=torch.int32)
-    runs = {}
-    for fold in (False, True):
-        monkeypatch.setattr(model_mod, "FOLD_GATES", fold)
-        model = _random_model(**switches).train()
-        calls = []
-        for m in model.modules():
-            if isinstance(m, model_mod.CausalSelfAttention):
-                for g in (m.gate, m.ve_gate):
-                    if g is not None:
-                        g.register_forward_hook(lambda *_: calls.append(1))
-        out = model.hidden_states(tokens, wb)
-        (out.square().mean()).backward()
-        assert bool(calls) != fold   # folded: the gates' own small matmuls never run
-        runs[fold] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (a, ga), (b, gb) = runs[False], runs[True]
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert ga.keys() == gb.keys() and any("gate" in n for n in ga)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-7, msg=n)
-        if "gate" in n:
-            assert ga[n].abs().max() > 0, n   # the gates do get a gradient in this test
-    attn = model.blocks[0].attn
-    gates = [g for g in (attn.gate, attn.ve_gate) if g is not None]
-    rows = attn._gate_rows(gates, 64)
-    assert rows.shape == (model_mod.FOLD_ROWS, 64) and rows[:, 12:].abs().max() == 0
-
-
 def test_grouped_query_attention_is_attention_with_shared_key_value_heads():
     """n_kv_head < n_head: query head h reads key/value head h // (n_head / n_kv_head). The same
     model with every k/v head (and its value-embedding columns and gate) copied out to its query

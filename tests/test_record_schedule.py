@@ -181,7 +181,7 @@ def test_bigram_ids_follow_the_records_order_of_operations():
 
 def test_warm_up_compiles_every_micro_batch_size_of_the_schedule():
     """With the record's own micro-batches (an eighth of each stage's batch) stages 2 and 3 have
-    other shapes: warming up on stage 1 alone left 2 recompiles on the clock (throughput r36)."""
+    other shapes: warming up on stage 1 alone left recompiles on the clock."""
     from speedrun.record.trainer import RecordRun
 
     def plan(micro: int) -> list:

@@ -512,35 +512,6 @@ def test_resume_after_crash_does_not_repeat_steps(tmp_path, shards, monkeypatch)
     assert steps == [1, 2], steps
 
 
-def test_compiled_blocks_never_fall_back_to_eager(monkeypatch):
-    """The 12 blocks of the real layout need more compiled graphs than dynamo's default limit of
-    8 (value embedding or not, attention or not, skip or not, x is x0, grad mode). Past the limit
-    dynamo silently ran blocks eagerly (a measured GPU slowdown); compile_regions raises the limit
-    and makes a hit an error, so a forward+backward and a no-grad forward must run cleanly."""
-    import torch._dynamo.utils as dyn_utils
-
-    from speedrun.model import GPT, GPTConfig
-    from speedrun.train import compile_regions
-
-    from speedrun import train
-
-    monkeypatch.setattr(train, "COMPILE_SCOPE", "blocks")   # block by block: many graphs of one code object
-    torch._dynamo.reset()
-    cfg = GPTConfig(vocab_size=512, n_layer=12, model_dim=64, n_head=2, head_dim=32, value_embeds=3,
-                    no_attn_layer=7, max_seq_len=256)
-    model = GPT(cfg)
-    compile_regions(model)
-    before = dyn_utils.counters["stats"]["unique_graphs"]
-    toks = torch.randint(0, 500, (257,))
-    wb = torch.tensor(2, dtype=torch.int32)
-    model(toks[:-1], toks[1:], wb).backward()
-    with torch.no_grad():
-        model(toks[:-1], toks[1:], wb)
-    # 8 block graphs + 2 of the embedding prelude is all the default limit would allow
-    assert dyn_utils.counters["stats"]["unique_graphs"] - before > 10
-    torch._dynamo.reset()
-
-
 def test_git_commit_says_when_the_tree_is_not_head(tmp_path, monkeypatch):
     """A run's metrics must not attribute edited code to HEAD: tracked changes add "-dirty"."""
     import subprocess
@@ -588,8 +559,8 @@ def test_warmup_forgets_what_it_learned_and_freezes_the_gc(tmp_path):
         gc.unfreeze()
 
 
-def test_stack_compile_is_the_same_model_in_one_graph(monkeypatch):
-    """COMPILE_SCOPE "stack" compiles the whole block stack as one graph (cross-block fusion):
+def test_stack_compile_is_the_same_model_in_one_graph():
+    """compile_regions compiles the whole block stack as one graph (cross-block fusion):
     the loss and every gradient must match the uncompiled model, and the blocks must not be
     compiled one by one as well (one graph for the stack, one for the embedding prelude)."""
     import copy
@@ -600,7 +571,6 @@ def test_stack_compile_is_the_same_model_in_one_graph(monkeypatch):
     from speedrun.model import GPT, GPTConfig
 
     torch._dynamo.reset()
-    monkeypatch.setattr(train, "COMPILE_SCOPE", "stack")
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, n_layer=4, model_dim=64, n_head=2, head_dim=32, value_embeds=1,
                     no_attn_layer=2, max_seq_len=256, key_offset=True)

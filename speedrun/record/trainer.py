@@ -1,12 +1,13 @@
-"""Training with the record's recipe: the trainer's loop (speedrun/train.py: clock, validation,
-checkpoints, signals, metrics) with this recipe's model, optimizer, schedule and batches.
+"""Training with the record's recipe: the speedrun's training loop (speedrun/loop.py: clock,
+validation, checkpoints, signals, metrics) with this recipe's model, optimizer, schedule and batches.
 
 One step (schedule.plan): set the windows (and the rotary state when the long window grew), take
 the step's micro-batches of whole documents, accumulate the gradients of sum(losses) / 8 per
 micro-batch (the record's scale, whatever the number of micro-batches), step NorMuon every step
 and Adam on odd ones, untie the embedding at the untie step, re-quantize the FP8 MLP weights.
 
-Memory: the record runs 8 micro-batches per step (16k / 32k / 48k tokens: ~36 GiB on one GPU).
+Memory: the record runs 8 micro-batches per step (16k / 32k / 48k tokens: more than a 24 GB card
+holds).
 Here a micro-batch holds at most `micro_batch_tokens` (16,384 by default: the record's first stage
 exactly, 2 and 3 times as many micro-batches in the later ones, each built from whole documents
 as the record builds its own). `micro_batch_tokens: 0` reproduces the record's eighths.
@@ -25,10 +26,12 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt
 from ..errors import ParamError, SpeedrunError
+from ..loop import Paths, TrainingLoop, shard_manifest
 from ..metrics import device_name
 from ..params import param
-from ..shards import MANIFEST, load_manifest, shard_paths
-from ..train import Paths, Run, TrainParams, fp8_wanted, tiny_run_sizes, init_distributed
+from ..runtime import fp8_wanted, init_distributed, training_device
+from ..shards import shard_paths
+from ..train_params import TrainParams, tiny_run_sizes
 from . import schedule as sch
 from .loader import DocumentBatches, ValidationChunks
 from .model import GRAD_SCALE, RecordConfig, build, flops_per_token, param_count
@@ -167,7 +170,7 @@ class Staging:
         return tuple(out)
 
 
-class RecordRun(Run):
+class RecordRun(TrainingLoop):
     def __init__(self, params: TrainParams, record: RecordParams, paths: Paths, log=print,
                  init_state: dict | None = None, stop_at: int | None = None):
         self.p = params if params.profile != "cpu-tiny" else tiny_run_sizes(dataclasses.replace(params, compile=False))
@@ -176,13 +179,7 @@ class RecordRun(Run):
         self.rank, self.world, local = init_distributed()
         self.master = self.rank == 0
         self.log = log if self.master else (lambda *a, **k: None)
-        if params.profile == "cpu-tiny":
-            self.device = torch.device("cpu")
-        elif not torch.cuda.is_available():
-            raise SpeedrunError("no CUDA GPU found: the gpu profile needs one. To run on CPU, use the tiny "
-                                "test profile: dvc exp run -S train.profile=cpu-tiny")
-        else:
-            self.device = torch.device("cuda", local)
+        self.device = training_device(params.profile, local)
         self.T = self.r.micro_batch_tokens
         self.sched = schedule(self.r)
         for b in self.r.stage_batch_tokens:
@@ -190,8 +187,7 @@ class RecordRun(Run):
             if b % unit:
                 raise ParamError(f"record.stage_batch_tokens ({b:,}) must split into micro-batches of "
                                  f"{self.T or b // 8:,} tokens over {self.world} processes")
-        self.manifest = load_manifest(paths.shards) if (paths.shards / MANIFEST).exists() else {
-            "train": [{"file": q.name} for q in shard_paths(paths.shards, "train")]}
+        self.manifest = shard_manifest(paths.shards)
         self.train_paths = shard_paths(paths.shards, "train")
         self.val_paths = shard_paths(paths.shards, "val")
         self.fingerprint = fingerprint(self.p, self.r, self.manifest)
