@@ -40,3 +40,17 @@ def test_dvc_repro_data_stages(pipeline_repo):
     diff = run_dvc(repo, "params", "diff").stdout
     assert "download.local_globs" in diff and ".corpus/tiny/*.jsonl.xz" in diff
     assert "Data and pipelines are up to date" in run_dvc(repo, "status", "tokenize_shards").stdout
+
+
+@pytest.mark.slow
+def test_a_bad_param_is_one_line_through_dvc_repro(pipeline_repo):
+    """What a user sees from `dvc repro`: the stage's own one-line error and DVC's stage line, no
+    traceback (the train stage runs without a launcher for one process)."""
+    repo = pipeline_repo
+    run_dvc(repo, "repro", "tokenize_shards")
+    repo.set_params("train", profile="cpu-tiny", micro_batch_tokens=100)   # not a multiple of 128
+    proc = repo.run_dvc("repro", "train_speedrun", check=False)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "micro_batch_tokens" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
