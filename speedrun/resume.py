@@ -76,12 +76,12 @@ class StopRequest:
 
     def requested(self, world: int, device: torch.device) -> bool:
         """Whether to stop here. With several processes all must stop at the same step (else
-        collectives hang): a request on any one counts for all."""
-        if self.signum is not None:
-            return True
+        collectives hang): a request on any one counts for all, and every rank enters the
+        all-reduce, also one that already has its signal (a rank signalled just before this check
+        and one signalled just after it would otherwise part ways here)."""
         if world == 1:
-            return False
-        flag = torch.tensor([0], device=device)
+            return self.signum is not None
+        flag = torch.tensor([int(self.signum is not None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -111,3 +111,37 @@ def test_ranks_split_each_step_disjointly(tmp_path):
             multi = tokens(world, step)
             assert len(multi) == len(set(multi)) == 8
             assert sorted(multi) == sorted(single)
+
+
+def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Rank 0 has its signal before the step-boundary check, rank 1 not yet: both must enter the
+    all-reduce and both stop (before, rank 0 returned at once and rank 1 waited in it forever)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import os, signal, torch, torch.distributed as dist\n"
+        "from speedrun.resume import StopRequest\n"
+        "dist.init_process_group('gloo')\n"
+        "stop = StopRequest()\n"
+        "if dist.get_rank() == 0:\n"
+        "    stop.signum = signal.SIGTERM\n"
+        "print('stop', stop.requested(2, torch.device('cpu')), flush=True)\n"
+        "dist.destroy_process_group()\n")
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "PYTHONPATH": str(PROJECT)}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120))
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "stop True" in out, err[-2000:]
