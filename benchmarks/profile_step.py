@@ -128,21 +128,9 @@ def classic_stepper(overrides: dict, params: str, steps: int):
 def record_stepper(overrides: dict, params: str, stage: int, steps: int):
     """step(k): the record recipe's step k after the start of batch stage `stage` (its micro-batch
     count, windows and loss weights), on the synthetic tokens of the throughput benchmark."""
-    from benchmarks.throughput import emulate_capability, progress, record_shards, SM89
-    from speedrun.params import load_yaml, parse_section
-    from speedrun.record.trainer import RecordParams, RecordRun
-    from speedrun.train import Paths, TrainParams
+    from benchmarks.throughput import record_run
 
-    if overrides.get("emulate") == "sm89":
-        emulate_capability(**SM89)
-    raw = load_yaml(params)
-    p = dataclasses.replace(parse_section(raw, "train", TrainParams), recipe="record")
-    r = dataclasses.replace(parse_section(raw, "record", RecordParams),
-                            **{k: v for k, v in overrides.items() if k not in ("recipe", "emulate")})
-    tmp = Path(tempfile.mkdtemp())
-    shards = record_shards(tmp, r.stage_batch_tokens, steps, 2)
-    run = RecordRun(dataclasses.replace(p, val_tokens=r.val_chunk_tokens), r,
-                    Paths(shards, tmp / "c", tmp / "f.pt", tmp / "t.json", None), log=lambda m, **_: progress(m))
+    run, _ = record_run(overrides, params, steps, settle=2)
     run._build()
     run.warmup()
     run.begin_steps(0)
@@ -178,7 +166,7 @@ def main() -> None:
         wall = (time.perf_counter() - t) / args.steps
     trace = None
     if args.gaps:   # host ops are in the profile too: take kernel times from the trace's GPU rows only
-        path = tmp / "trace.json"
+        path = Path(tempfile.mkdtemp()) / "trace.json"
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
     per_fam, per_kernel = defaultdict(float), defaultdict(float)

@@ -302,6 +302,34 @@ def record_shards(root: Path, batches: list[int], steps: int, settle: int) -> Pa
     return synthetic_shards(root, int(1.5 * (settle + steps) * sum(batches)) + 6 * 10**6, 4_000_000, train_shards=4)
 
 
+def record_run(overrides: dict, params_path: str, steps: int, settle: int):
+    """A RecordRun of params.yaml's record section with `overrides`, over the synthetic tokens of
+    record_shards; the 4090 emulation first where asked. Returns (run, emulation info)."""
+    from speedrun.params import load_yaml, parse_section
+    from speedrun.record.trainer import RecordParams, RecordRun
+    from speedrun.train import Paths, TrainParams
+
+    emulated = emulate_capability(**SM89) if overrides.get("emulate") == "sm89" else {}
+    raw = load_yaml(params_path)
+    p = dataclasses.replace(parse_section(raw, "train", TrainParams), recipe="record")
+    r = dataclasses.replace(parse_section(raw, "record", RecordParams),
+                            **{k: v for k, v in overrides.items() if k not in ("recipe", "emulate")})
+    tmp = Path(tempfile.mkdtemp())
+    shards = record_shards(tmp, r.stage_batch_tokens, steps, settle)
+    p = dataclasses.replace(p, val_tokens=r.val_chunk_tokens)
+    run = RecordRun(p, r, Paths(shards, tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
+                    log=lambda msg, **_: progress(msg))
+    return run, emulated
+
+
+def run_mean_rate(sched, rates: list[float]) -> tuple[float, float]:
+    """(tokens/s over the whole run, its seconds): every stage's tokens at its own rate, the
+    extension steps at stage 3's."""
+    tokens = [sched.stages[i].batch_tokens * (b - a) for i, (a, b) in enumerate(sched.boundaries)]
+    seconds = sum(n / rates[min(i, 2)] for i, n in enumerate(tokens))
+    return sum(tokens) / seconds, seconds
+
+
 def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> dict:
     """Tokens/s of the record recipe per batch stage (its micro-batch counts and windows), their
     mean weighted by each stage's share of the run's tokens, a validation pass (the record's
@@ -309,22 +337,12 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
     import torch
 
     from speedrun.metrics import measure_bf16_tflops
-    from speedrun.params import load_yaml, parse_section
     from speedrun.record.model import flops_per_token
-    from speedrun.record.trainer import RecordParams, RecordRun
-    from speedrun.train import Paths, TrainParams, compiled_graphs
+    from speedrun.train import compiled_graphs
 
-    emulated = emulate_capability(**SM89) if overrides.get("emulate") == "sm89" else {}
-    raw = load_yaml(params_path)
-    p = dataclasses.replace(parse_section(raw, "train", TrainParams), recipe="record")
-    r = dataclasses.replace(parse_section(raw, "record", RecordParams),
-                            **{k: v for k, v in overrides.items() if k not in ("recipe", "emulate")})
     settle = 2
-    tmp = Path(tempfile.mkdtemp())
-    shards = record_shards(tmp, r.stage_batch_tokens, steps, settle)
-    p = dataclasses.replace(p, val_tokens=r.val_chunk_tokens)
-    run = RecordRun(p, r, Paths(shards, tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
-                    log=lambda msg, **_: progress(msg))
+    run, emulated = record_run(overrides, params_path, steps, settle)
+    r = run.r
     device = run.device
     peak_tflops = measure_bf16_tflops(device)
     run._build()
@@ -353,10 +371,7 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
         result[f"step_ms_each_stage{i + 1}"] = [round(a.elapsed_time(b), 1) for a, b in zip(marks, marks[1:])]
         result[f"tokens_per_s_stage{i + 1}"] = round(rate, 1)
         progress(f"{name}: stage {i + 1}: {dt * 1e3:.1f} ms/step, {rate / 1e3:.0f}k tok/s")
-    # the run's mean: every stage's tokens at its own rate (the extension runs at stage 3's)
-    tokens = [sched.stages[i].batch_tokens * (b - a) for i, (a, b) in enumerate(sched.boundaries)]
-    seconds = sum(n / rates[min(i, 2)] for i, n in enumerate(tokens))
-    mean_rate = sum(tokens) / seconds
+    mean_rate, seconds = run_mean_rate(sched, rates)
     t = time.perf_counter()
     val = run.val_loss(0)
     val_s = time.perf_counter() - t
@@ -393,7 +408,7 @@ def measure_reference(name: str, overrides: dict, steps: int, params_path: str) 
 
     from benchmarks.reference import launch_reference_script, throughput_patches
     from speedrun.params import load_yaml, parse_section
-    from speedrun.record.trainer import RecordParams
+    from speedrun.record.trainer import RecordParams, schedule
 
     ref_dir = Path(os.environ.get("REFERENCE_DIR", ".reference/modded-nanogpt"))
     if not (ref_dir / "train_gpt.py").exists():
@@ -415,18 +430,16 @@ def measure_reference(name: str, overrides: dict, steps: int, params_path: str) 
               "compile_warmup_s": float(re.search(r"REF_WARMUP_S ([0-9.]+)", text).group(1)),
               "process_start_to_end_s": round(time.perf_counter() - t, 1)}
     rates = []
-    starts = [0, 423, 847]   # its stage starts (checked equal to ours: benchmarks.reference schedule)
-    batches = [131072, 262144, 393216]
-    for i, (start, batch) in enumerate(zip(starts, batches)):
+    sched = schedule(RecordParams())   # the record's own schedule (checked equal: benchmarks.reference schedule)
+    for i, (start, _) in enumerate(sched.boundaries[:3]):
+        batch = sched.stages[i].batch_tokens
         ms = [step_ms[s] for s in range(start + settle, start + settle + steps)]
         rate = batch / (sum(ms) / len(ms) / 1e3)
         rates.append(rate)
         result[f"step_ms_each_stage{i + 1}"] = [round(m, 1) for m in ms]
         result[f"tokens_per_s_stage{i + 1}"] = round(rate, 1)
         progress(f"{name}: stage {i + 1}: {sum(ms) / len(ms):.1f} ms/step, {rate / 1e3:.0f}k tok/s")
-    counts = [423, 424, 438]   # steps per stage, the 15 extension steps in stage 3's batch
-    seconds = sum(n * b / rates[i] for i, (n, b) in enumerate(zip(counts, batches)))
-    mean_rate = sum(n * b for n, b in zip(counts, batches)) / seconds
+    mean_rate, seconds = run_mean_rate(sched, rates)
     peak = re.search(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB", text)
     result.update({
         "tokens_per_s_schedule_mean": round(mean_rate, 1), "projected_train_s": round(seconds, 1),

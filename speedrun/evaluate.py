@@ -6,7 +6,6 @@ model, the tokens and the window are the same.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time

@@ -1,7 +1,6 @@
 """End to end: all seven stages with `dvc repro`, then a second experiment, in a throw-away repo on CPU."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest

@@ -1,7 +1,6 @@
 """The README's offline CPU command, pasted as written, runs the whole pipeline to an exported model."""
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil

@@ -31,6 +31,18 @@ def _tensors(mb):
     return (torch.from_numpy(a) for a in (mb.inputs, mb.targets, mb.bigram, mb.cu_seqlens))
 
 
+def _train_step(model, opt, batch, step: int, fp8: bool) -> torch.Tensor:
+    """One step as the trainer takes it: forward, sum(losses) * GRAD_SCALE backward, NorMuon
+    every step and Adam on odd ones; returns the per-token losses."""
+    x, y, bg, cu = batch
+    m = model.masks(cu, x.numel())
+    h = model.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, fp8)
+    losses = model.train_losses(h, y, torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.25]), fp8)
+    (losses.sum() * GRAD_SCALE).backward()
+    opt.step(1.0, 0.85, adam=step % 2 == 1)
+    return losses
+
+
 def test_block_mask_equals_the_dense_rule():
     """FlexAttention's block bookkeeping (full / partial blocks + mask_mod) gives exactly the
     token rule doc[q] == doc[k], q - window <= k <= q, for windows inside and across blocks."""
@@ -142,11 +154,7 @@ def test_model_seed_dtypes_and_a_learning_step():
     a.set_windows(128, 256)
     first = None
     for step in range(6):
-        m = a.masks(cu, x.numel())
-        h = a.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, False)
-        losses = a.train_losses(h, y, torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.25]), False)
-        (losses.sum() * GRAD_SCALE).backward()
-        opt.step(1.0, 0.85, adam=step % 2 == 1)
+        losses = _train_step(a, opt, (x, y, bg, cu), step, fp8=False)
         first = losses.mean().item() if first is None else first
         assert math.isfinite(losses.mean().item())
     assert losses.mean().item() < first   # the same batch six times: it must fit it
@@ -211,11 +219,7 @@ def test_fp8_steps_keep_no_graph_across_steps_and_update_the_delayed_scales():
     model.set_windows(128, 256)
     scales = []
     for step in range(2):
-        m = model.masks(cu, x.numel())
-        h = model.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, True)
-        losses = model.train_losses(h, y, torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.25]), True)
-        (losses.sum() * GRAD_SCALE).backward()
-        opt.step(1.0, 0.85, adam=step % 2 == 1)
+        losses = _train_step(model, opt, (x, y, bg, cu), step, fp8=True)
         model.refresh_fp8(bootstrap=step < 16)
         assert model._mlp_down_act_scales.grad_fn is None and not model._mlp_down_act_scales.requires_grad
         scales.append(model._mlp_down_act_scales.clone())

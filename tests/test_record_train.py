@@ -3,7 +3,6 @@ a signal and resumed ends with exactly the weights of an uninterrupted one, and 
 reproduces the trainer's last validation."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -30,15 +29,19 @@ def _docs(rng, n_tokens: int) -> np.ndarray:
     return toks[:n_tokens].astype(np.uint16)
 
 
+def _write_shards(shards, seed: int, train_tokens: int):
+    shards.mkdir()
+    rng = np.random.default_rng(seed)
+    write_shard(shards / "train_000000.bin", _docs(rng, train_tokens))
+    write_shard(shards / "val_000000.bin", _docs(rng, 3_000))
+    write_json(shards / "manifest.json", {"train": [{"file": "train_000000.bin"}], "val": [{"file": "val_000000.bin"}]})
+    return shards
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("record")
-    shards = root / "shards"
-    shards.mkdir()
-    rng = np.random.default_rng(0)
-    write_shard(shards / "train_000000.bin", _docs(rng, 40_000))
-    write_shard(shards / "val_000000.bin", _docs(rng, 3_000))
-    write_json(shards / "manifest.json", {"train": [{"file": "train_000000.bin"}], "val": [{"file": "val_000000.bin"}]})
+    shards = _write_shards(root / "shards", seed=0, train_tokens=40_000)
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({"train": TRAIN, "record": RECORD, "evaluate": {"val_tokens": 1024}}))
     a = _popen(_stage_cmd(params, shards, root / "A"))
@@ -137,12 +140,7 @@ def test_a_checkpoint_between_muon_only_and_adam_steps_keeps_adam_s_first_gradie
     from speedrun.record.trainer import RecordParams, RecordRun
     from speedrun.train import Paths, TrainParams
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    rng = np.random.default_rng(1)
-    write_shard(shards / "train_000000.bin", _docs(rng, 20_000))
-    write_shard(shards / "val_000000.bin", _docs(rng, 3_000))
-    write_json(shards / "manifest.json", {"train": [{"file": "train_000000.bin"}], "val": [{"file": "val_000000.bin"}]})
+    shards = _write_shards(tmp_path / "shards", seed=1, train_tokens=20_000)
 
     def new_run(tag: str) -> RecordRun:
         p = TrainParams(**{**TRAIN, "target_val_loss": 0.0})
