@@ -201,6 +201,7 @@ def test_reference_throughput_patches_apply_to_the_reference_when_present():
     src = _patch(ref.read_text(), CUBLAS_PATCHES + throughput_patches(steps=3, settle=2))
     compile(src, str(ref), "exec")
     assert "REF_STEP_MS" in src and "range(5)" in src
+    assert "next(val_loader)" not in src.split("Resetting Model")[0].split("for step in warmup_steps")[1]
 
 
 def test_reference_patches_must_match_exactly():
