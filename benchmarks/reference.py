@@ -782,7 +782,10 @@ def throughput_patches(steps: int, settle: int) -> list[tuple]:
         ("args = Hyperparameters()\n", "args = Hyperparameters()\nargs.val_loss_every = 0\n"),
         ("warmup_steps = sorted({0, 1} | {s + offset for s in transition_steps for offset in [-2, -1, 0, 1] if s + offset >= 2})",
          "warmup_steps = [s + k for s in [0, *transition_steps][:3] for k in (0, 1)]"),
-        (WARMUP_VAL_FORWARD, "    for idx in range(grad_accum_steps):\n"),
+        # one validation forward stays, at step 0: it creates triton_kernels' module-level dummy
+        # buffer outside an autograd.Function, where dynamo refuses the global's first write
+        (WARMUP_VAL_FORWARD, "    if step == 0:\n" + "".join(
+            "    " + line + "\n" for line in WARMUP_VAL_FORWARD.splitlines()[:-1]) + "    for idx in range(grad_accum_steps):\n"),
         ('print0(f"Sampling steps {warmup_steps} for warmup", console=True)\n',
          'print0(f"Sampling steps {warmup_steps} for warmup", console=True)\n_t_warm = time.perf_counter()\n'),
         ('print0("Resetting Model", console=True)\n',

@@ -230,12 +230,21 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
 # RTX 4090: compute capability 8.9, 24,564 MiB of which the CUDA context and the driver keep ~0.5 GiB
 SM89 = {"capability": (8, 9), "memory_cap_gib": 23.5}
 SM89_SHARED_MEMORY_PER_BLOCK = 101376   # bytes a block may opt into on 8.9 (99 KiB; 227 KiB on Hopper)
-_TRITON_SHARED: dict[str, int] = {}     # every Triton kernel compiled in this process -> its shared memory
+_TRITON_SHARED: dict[str, int] = {}     # every Triton kernel loaded in this process -> its shared memory
+
+
+def note_kernel(name: str, shared: list[int]) -> None:
+    """A kernel with the shared memory of each config it can launch with: what counts is its
+    smallest (an 8.9 card's autotuner would drop the configs that do not fit, not the kernel)."""
+    if shared:
+        _TRITON_SHARED[name] = max(_TRITON_SHARED.get(name, 0), min(shared))
 
 
 def record_triton_shared_memory() -> None:
     """Note each Triton kernel's shared memory as it is loaded, so an emulated 8.9 run can name the
-    kernels a real 8.9 card could not launch (the one limit the emulation cannot impose)."""
+    kernels a real 8.9 card could not launch (the one limit the emulation cannot impose). Two ways
+    in: this project's @triton.jit kernels load through Triton's CompiledKernel; Inductor's (its
+    fused ops and FlexAttention) through its own launchers, which carry `shared`."""
     try:
         from triton.compiler.compiler import CompiledKernel
     except ImportError:
@@ -245,10 +254,30 @@ def record_triton_shared_memory() -> None:
     def wrapped(self, *a, **k):
         init(self, *a, **k)
         try:
-            _TRITON_SHARED[self.name] = max(_TRITON_SHARED.get(self.name, 0), int(self.metadata.shared))
+            note_kernel(self.name, [int(self.metadata.shared)])
         except (AttributeError, TypeError, ValueError):
             pass
     CompiledKernel.__init__ = wrapped
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        return
+    make = getattr(CachingAutotuner, "_make_launchers", None)
+    if make is None:   # another torch: its kernels go uncounted, and the report says how many it saw
+        return
+
+    def make_launchers(self, *a, **k):
+        out = make(self, *a, **k)
+        note_autotuner(self)
+        return out
+    CachingAutotuner._make_launchers = make_launchers
+
+
+def note_autotuner(autotuner) -> None:
+    """Inductor's kernel: its name and each launcher's shared memory."""
+    name = (getattr(autotuner, "inductor_meta", None) or {}).get("kernel_name") \
+        or getattr(getattr(autotuner, "fn", None), "__name__", "inductor kernel")
+    note_kernel(name, [int(l.shared) for l in getattr(autotuner, "launchers", []) if hasattr(l, "shared")])
 
 
 def shared_memory_report(limit: int) -> dict:

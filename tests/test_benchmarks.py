@@ -201,7 +201,31 @@ def test_reference_throughput_patches_apply_to_the_reference_when_present():
     src = _patch(ref.read_text(), CUBLAS_PATCHES + throughput_patches(steps=3, settle=2))
     compile(src, str(ref), "exec")
     assert "REF_STEP_MS" in src and "range(5)" in src
-    assert "next(val_loader)" not in src.split("Resetting Model")[0].split("for step in warmup_steps")[1]
+    warmup = src.split("for step in warmup_steps")[1].split("Resetting Model")[0]
+    # one validation forward at step 0 (it creates a buffer the compiled backward needs), no more
+    assert warmup.count("next(val_loader)") == 1 and "if step == 0:" in warmup
+
+
+def test_shared_memory_report_names_inductor_kernels_that_no_config_fits(monkeypatch):
+    """An emulated 8.9 run must count Inductor's kernels (FlexAttention's among them), which load
+    through its own launchers, and judge each by its smallest config (an 8.9 autotuner drops the rest)."""
+    from types import SimpleNamespace
+
+    from benchmarks import throughput as tp
+
+    monkeypatch.setattr(tp, "_TRITON_SHARED", {})
+    launchers = lambda *b: [SimpleNamespace(shared=x) for x in b]
+    tp.note_autotuner(SimpleNamespace(inductor_meta={"kernel_name": "triton_tem_fused_flex_0"},
+                                      launchers=launchers(180_000, 120_000)))
+    tp.note_autotuner(SimpleNamespace(inductor_meta={"kernel_name": "triton_tem_fused_flex_1"},
+                                      launchers=launchers(200_000, 64_000)))
+    tp.note_autotuner(SimpleNamespace(inductor_meta={}, fn=SimpleNamespace(__name__="triton_poi_0"),
+                                      launchers=launchers(0)))
+    tp.note_kernel("_ce_kernel", [512])
+    report = tp.shared_memory_report(tp.SM89_SHARED_MEMORY_PER_BLOCK)
+    assert report["triton_kernels_seen"] == 4
+    assert report["kernels_over_sm89_shared_memory"] == {"triton_tem_fused_flex_0": 120_000}
+    assert report["max_shared_memory_bytes"] == 120_000
 
 
 def test_reference_patches_must_match_exactly():
