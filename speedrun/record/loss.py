@@ -210,8 +210,10 @@ class _TrainLoss(torch.autograd.Function):
         # x [N, D] bf16; weight [D, V] bf16 (the head stores W transposed); returns losses [N]
         use_kernel = kernel_available(x)
         if fp8:
-            x_f8 = (x.float() / X_SCALE).to(torch.float8_e4m3fn)
-            w_f8 = (weight.float() / W_SCALE).to(torch.float8_e4m3fn)
+            # divided in bf16, then cast, as the record does: rounding to bf16 first moves about 3%
+            # of the elements to another e4m3 value than a direct fp32 -> e4m3 cast would
+            x_f8 = (x / X_SCALE).to(torch.float8_e4m3fn)
+            w_f8 = (weight / W_SCALE).to(torch.float8_e4m3fn)
             u = torch._scaled_mm(x_f8, _col_major(w_f8), scale_a=_scalar(X_SCALE, x),
                                  scale_b=_scalar(W_SCALE, x), out_dtype=torch.bfloat16, use_fast_accum=True)
             g_scale = grad_scale * GRAD_SCALE
