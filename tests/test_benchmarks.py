@@ -262,3 +262,24 @@ def test_reference_perturbation_reaches_every_parameter():
     for name, p in model.named_parameters():
         assert not torch.equal(new[name], state[name]) and new[name].dtype == state[name].dtype, name
     assert torch.equal(new["bigram_sign_table"], state["bigram_sign_table"])   # not a weight
+
+
+def test_curve_verdict_needs_both_the_pointwise_and_the_mean_rule():
+    from benchmarks.reference import curve_verdict
+
+    steps = [25, 50, 75, 100]
+    seeds = {"reference seed 1": [5.80, 5.20, 4.90, 4.71], "reference seed 2": [5.81, 5.19, 4.91, 4.74],
+             "reference seed 3": [5.79, 5.21, 4.90, 4.72]}
+    curves = {n: dict(zip(steps, v)) for n, v in seeds.items()}
+    names = list(seeds)
+    # within the seeds' noise: small deviations of both signs
+    curves["ours"] = dict(zip(steps, [5.805, 5.195, 4.905, 4.72]))
+    v = curve_verdict(curves, names, names[0], "ours", steps)
+    assert v["within"] and v["max_dev"] <= v["max_seed_spread"]
+    # a steady offset: each point inside the largest range (0.03), the mean far over any seed pair's
+    curves["shifted"] = {s: x + 0.025 for s, x in curves[names[0]].items()}
+    v = curve_verdict(curves, names, names[0], "shifted", steps)
+    assert v["max_dev"] <= v["max_seed_spread"] and not v["within"]
+    # a plainly different curve fails both
+    curves["slow"] = {s: x + 0.1 for s, x in curves[names[0]].items()}
+    assert not curve_verdict(curves, names, names[0], "slow", steps)["within"]
