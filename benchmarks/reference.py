@@ -21,12 +21,15 @@ Checks (each prints PASS/FAIL and is shown failing once on a deliberately change
              tables and scale; bit for bit
   forward    the same weights (the init plus noise, so every branch is live) and tokens -> the same
              per-token losses and per-parameter gradients, training and validation; tolerance: twice
-             what the reference itself moves between its eager and compiled execution (floor 1e-2
-             for gradients, 2e-3 for losses)
+             the larger of what the reference itself and ours move between eager and compiled
+             execution (floor 1e-2 for gradients, 2e-3 for losses). `--no-fp8`: the MLP in bf16 on
+             both sides, the head FP8 on both (the record's training loss has no bf16 head)
   optimizer  the same gradients -> the same updates over steps around the untie step (Muon every
              step, Adam on odd steps with summed gradients, the tied head/embedding, the untie)
   curves     both trained from the same initial weights on the same tokens for --curve-steps steps
-             of the real schedule: the validation curve within the spread of reference seeds
+             of the real schedule: the validation curve within the spread of reference seeds (its
+             largest deviation within their largest range, its mean deviation within the largest
+             mean deviation between two of them)
 """
 from __future__ import annotations
 
