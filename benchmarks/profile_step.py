@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_step [--steps 2] [--variant record] [--stage 3] [--gaps FILE]
     python -m benchmarks.profile_step --variant classic              # the previous recipe, middle window
+    python -m benchmarks.profile_step --variant reference --stage 3  # the record's own code, same tokens
 
 Prints the CUDA kernels grouped by family (matmul, attention, elementwise/fused, optimizer, ...) and
 the top kernels, so throughput work can aim at the largest share instead of guessing.
@@ -22,11 +23,15 @@ from collections import defaultdict
 from pathlib import Path
 
 FAMILIES = [  # first match wins; substrings of kernel names
-    ("attention (flex)", ("flex", "attention", "triton_tem")),  # flex runs as inductor templates
-    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "_mm_", "ampere", "cublas")),
     ("dynamically composable attention", ("dc_attention", "_dc_")),
-    ("cross-entropy/softcap", ("log_softmax", "nll", "cross_entropy", "tanh", "_loss_kernel")),
-    ("optimizer", ("adam", "foreach", "lerp")),
+    # flex runs as inductor templates; the record's own code runs flash (varlen) kernels
+    ("attention (flex, flash)", ("flex", "attention", "triton_tem", "flash", "fmha")),
+    # the record's fused FP8 MLP (matmul with relu^2 in its epilogue) counts as matmul
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "_mm_", "ampere", "cublas",
+                "linear_relu_square")),
+    ("cross-entropy/softcap", ("log_softmax", "nll", "cross_entropy", "tanh", "_loss_kernel", "ce_fwd")),
+    # Polar Express's symmetric products (XXT, XTX, b*A + c*A@A) are the record's optimizer kernels
+    ("optimizer", ("adam", "foreach", "lerp", "xxt_kernel", "xtx_kernel", "ba_plus_caa", "polar")),
     ("copies", ("copy", "memcpy", "memset", "cat")),
     ("triton fused (norms, rotary, relu^2, ...)", ("triton",)),
 ]
@@ -138,6 +143,35 @@ def record_stepper(overrides: dict, params: str, stage: int, steps: int):
     return lambda k: run.step(start + 2 + k)   # +2: clear of the stage's first (untie) step
 
 
+def profile_reference(stage: int, steps: int, params: str) -> tuple[float, dict]:
+    """The record's own train_gpt.py (benchmarks.reference's patched launch, on the throughput
+    benchmark's synthetic tokens) with torch.profiler over `steps` steps of batch stage `stage`.
+    Returns (mean step wall ms from its CUDA events, the Chrome trace)."""
+    import os
+    import re
+
+    from benchmarks.reference import launch_reference_script, throughput_patches
+    from benchmarks.throughput import progress, record_shards
+    from speedrun.params import load_yaml, parse_section
+    from speedrun.record.trainer import RecordParams
+
+    ref_dir = Path(os.environ.get("REFERENCE_DIR", ".reference/modded-nanogpt"))
+    if not (ref_dir / "train_gpt.py").exists():
+        raise SystemExit(f"no reference at {ref_dir}: fetch it first (python -m benchmarks.reference --fetch URL)")
+    r = parse_section(load_yaml(params), "record", RecordParams)
+    tmp = Path(tempfile.mkdtemp())
+    trace_path = tmp / "reference-trace.json"
+    proc, log = launch_reference_script(ref_dir, tmp / "reference", record_shards(tmp, r.stage_batch_tokens, steps, 2),
+                                        throughput_patches(steps, 2, profile_stage=stage, trace=trace_path))
+    rc = proc.wait()
+    text = log.read_text()
+    if rc != 0 or not trace_path.exists():
+        progress(f"reference exited {rc}; log tail:\n{text[-3000:]}")
+        raise SystemExit(f"reference run failed (exit {rc})")
+    marks = json.loads(re.search(r"REF_STEP_MS (.*)", text).group(1))[-steps:]
+    return sum(ms for _, ms in marks) / len(marks), json.loads(trace_path.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2)
@@ -153,18 +187,24 @@ def main() -> None:
     from benchmarks.throughput import VARIANTS
 
     overrides = VARIANTS[args.variant]
-    step = (record_stepper(overrides, args.params, args.stage, args.steps) if overrides.get("recipe") == "record"
-            else classic_stepper(overrides, args.params, args.steps))
-    step(0)   # settles: the first step after the warm-up's state reset
-    torch.cuda.synchronize()
-    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.gaps else [])
-    with profile(activities=acts) as prof:
-        t = time.perf_counter()
-        for s in range(1, args.steps + 1):
-            step(s)
+    trace, prof = None, None
+    if overrides.get("recipe") == "reference":   # its own process; the kernels come back as a trace
+        if args.gaps:
+            raise SystemExit("--gaps needs the host side, which the reference's profile does not record")
+        wall_ms, trace = profile_reference(args.stage, args.steps, args.params)
+        wall = wall_ms / 1e3
+    else:
+        step = (record_stepper(overrides, args.params, args.stage, args.steps) if overrides.get("recipe") == "record"
+                else classic_stepper(overrides, args.params, args.steps))
+        step(0)   # settles: the first step after the warm-up's state reset
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / args.steps
-    trace = None
+        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.gaps else [])
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for s in range(1, args.steps + 1):
+                step(s)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / args.steps
     if args.gaps:   # host ops are in the profile too: take kernel times from the trace's GPU rows only
         path = Path(tempfile.mkdtemp()) / "trace.json"
         prof.export_chrome_trace(str(path))

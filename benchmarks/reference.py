@@ -803,13 +803,24 @@ WARMUP_VAL_FORWARD = """    model.eval()
 """
 
 
-def throughput_patches(steps: int, settle: int) -> list[tuple]:
+def throughput_patches(steps: int, settle: int, profile_stage: int | None = None,
+                       trace: Path | None = None) -> list[tuple]:
     """The reference's main section as a throughput run: its own warm-up (timed) cut to what the
     timed steps use (the first two steps of its three batch stages, no validation forward: its full
     warm-up compiles the extension stage and four validation graphs, minutes of a 10-minute device
     call), then `settle` + `steps` steps at the start of each stage, each step's end marked by a
     CUDA event (no host sync between steps, as its own loop), no validation. Prints REF_WARMUP_S
-    and REF_STEP_MS [[step, ms], ...] for benchmarks.throughput."""
+    and REF_STEP_MS [[step, ms], ...] for benchmarks.throughput. With `profile_stage`, only that
+    stage's steps run, and torch.profiler (CUDA) records its `steps` timed steps into `trace` (a
+    Chrome trace, for benchmarks.profile_step)."""
+    stages = "[0, *training_manager.get_transition_steps()][:3]"
+    if profile_stage is not None:
+        stages = f"{stages}[{profile_stage - 1}:{profile_stage}]"
+    prof_start = (f"    if _k == {settle}:\n"
+                  "        _prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])\n"
+                  "        _prof.__enter__()\n") if profile_stage is not None else ""
+    prof_end = ("torch.cuda.synchronize()\n_prof.__exit__(None, None, None)\n"
+                f"_prof.export_chrome_trace({str(trace)!r})\n") if profile_stage is not None else ""
     return [
         ("args = Hyperparameters()\n", "args = Hyperparameters()\nargs.val_loss_every = 0\n"),
         ("warmup_steps = sorted({0, 1} | {s + offset for s in transition_steps for offset in [-2, -1, 0, 1] if s + offset >= 2})",
@@ -824,13 +835,13 @@ def throughput_patches(steps: int, settle: int) -> list[tuple]:
          'torch.cuda.synchronize()\nprint(f"REF_WARMUP_S {time.perf_counter() - _t_warm:.2f}", flush=True)\n'
          'print0("Resetting Model", console=True)\n'),
         ("for step in range(train_steps + 1):\n",
-         f"_marks = []\nfor step in [s + k for s in [0, *training_manager.get_transition_steps()][:3] "
-         f"for k in range({settle + steps})]:\n"),
+         f"_marks = []\nfor _k, step in [(k, s + k) for s in {stages} for k in range({settle + steps})]:\n"
+         + prof_start),
         ('    approx_training_time_ms = training_time_ms + 1000 * (time.perf_counter() - t0)\n'
          '    print0(f"step:{step+1}/{train_steps} train_time:{approx_training_time_ms:.0f}ms step_avg:{approx_training_time_ms/(step + 1):.2f}ms", console=True)\n',
          "    _marks.append((step, torch.cuda.Event(enable_timing=True)))\n    _marks[-1][1].record()\n"),
         ("\nif args.run_evals:\n",
-         "\ntorch.cuda.synchronize()\nimport json as _json\n"
+         "\ntorch.cuda.synchronize()\n" + prof_end + "import json as _json\n"
          "print('REF_STEP_MS ' + _json.dumps([[b[0], a[1].elapsed_time(b[1])] for a, b in zip(_marks, _marks[1:])]), flush=True)\n"
          "\nif args.run_evals:\n"),
     ]

@@ -283,3 +283,29 @@ def test_curve_verdict_needs_both_the_pointwise_and_the_mean_rule():
     # a plainly different curve fails both
     curves["slow"] = {s: x + 0.1 for s, x in curves[names[0]].items()}
     assert not curve_verdict(curves, names, names[0], "slow", steps)["within"]
+
+
+def test_profile_families_sort_the_record_s_own_kernels_like_ours():
+    """profile_step --variant reference compares family by family with ours: the record's fused FP8
+    MLP is matmul, its Polar Express kernels are optimizer, its flash kernels attention."""
+    from benchmarks.profile_step import family
+
+    assert family("linear_relu_square_kernel") == "matmul"
+    assert family("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_params>") \
+        == "attention (flex, flash)"
+    assert family("triton_tem_fused_flex_attention_0") == "attention (flex, flash)"
+    assert family("XXT_kernel") == family("ba_plus_cAA_kernel") == "optimizer"
+    assert family("_dc_postonly_corr_fwd_wsmall_cached_kernel") == "dynamically composable attention"
+    assert family("_ce_fwd_bwd_kernel") == "cross-entropy/softcap"
+
+
+def test_reference_profile_patches_run_one_stage_under_the_profiler_when_present():
+    from benchmarks.reference import CUBLAS_PATCHES, _patch, throughput_patches
+
+    ref = Path(__file__).resolve().parents[1] / ".reference" / "modded-nanogpt" / "train_gpt.py"
+    if not ref.exists():
+        pytest.skip("no reference fetched")
+    src = _patch(ref.read_text(), CUBLAS_PATCHES + throughput_patches(3, 2, profile_stage=3, trace=Path("t.json")))
+    compile(src, str(ref), "exec")
+    loop = src.split("_marks = []")[1]
+    assert "[:3][2:3]" in loop and "if _k == 2:" in loop and "_prof.export_chrome_trace('t.json')" in loop
