@@ -1010,7 +1010,11 @@ def main() -> None:
     ap.add_argument("--curve-every", type=int, default=25)
     ap.add_argument("--curve-val-tokens", type=int, default=1048576)
     ap.add_argument("--curve-seeds", default="1234,2345,3456")
-    ap.add_argument("--curve-deadline", type=float, default=3600, help="seconds before unfinished runs are stopped")
+    ap.add_argument("--curve-deadline", type=float, default=3600,
+                    help="seconds from the curves' launch before unfinished runs are stopped")
+    ap.add_argument("--curves-alongside", action="store_true",
+                    help="train the curves while the other checks run (five training processes and the forward "
+                         "check need ~140 GiB of one GPU); by default they start after them")
     ap.add_argument("--curve-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--init", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--muon-lr-mult", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -1043,15 +1047,18 @@ def main() -> None:
             from speedrun.atomic import write_json
             write_json(args.out, {**meta, "seconds": round(time.time() - t0, 1), "checks": report.results})
 
-    curve_jobs = None
-    if "curves" in checks:   # launched first: its processes train while the other checks run here
+    def launch_curves():
         try:
-            curve_jobs = start_curves(ref_dir, Path(args.shards), root, args.curve_steps, args.curve_every,
-                                      args.curve_val_tokens, [int(s) for s in args.curve_seeds.split(",")])
+            return start_curves(ref_dir, Path(args.shards), root, args.curve_steps, args.curve_every,
+                                args.curve_val_tokens, [int(s) for s in args.curve_seeds.split(",")])
         except Exception as e:
             import traceback
             traceback.print_exc()
             report.add("curves", False, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    curve_jobs = None
+    if "curves" in checks and args.curves_alongside:   # its processes train while the other checks run
+        curve_jobs = launch_curves()
     torch._dynamo.config.recompile_limit = 256   # eager FlexAttention compiles per mask shape
     if set(checks) - {"curves"}:
         ref = load_reference(ref_dir, root / "module", device, eager=True)
@@ -1081,9 +1088,14 @@ def main() -> None:
                     report.add(name, False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 print(f"  ({name}: {time.time() - t:.0f}s)", flush=True)
                 save()
+    if "curves" in checks and not args.curves_alongside:
+        t_curves = time.time()
+        curve_jobs = launch_curves()
+    else:
+        t_curves = t0
     if curve_jobs is not None:
         try:
-            finish_curves(curve_jobs, report, out_dir, args.curve_deadline - (time.time() - t0))
+            finish_curves(curve_jobs, report, out_dir, args.curve_deadline - (time.time() - t_curves))
         except Exception as e:
             import traceback
             traceback.print_exc()
