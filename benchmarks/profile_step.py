@@ -144,32 +144,15 @@ def record_stepper(overrides: dict, params: str, stage: int, steps: int):
 
 
 def profile_reference(stage: int, steps: int, params: str) -> tuple[float, dict]:
-    """The record's own train_gpt.py (benchmarks.reference's patched launch, on the throughput
-    benchmark's synthetic tokens) with torch.profiler over `steps` steps of batch stage `stage`.
-    Returns (mean step wall ms from its CUDA events, the Chrome trace)."""
-    import os
-    import re
+    """The record's own train_gpt.py (benchmarks.throughput's reference run, same synthetic tokens)
+    with torch.profiler over `steps` steps of batch stage `stage`. Returns (mean step wall ms from
+    its CUDA events, the Chrome trace)."""
+    from benchmarks.throughput import run_reference
 
-    from benchmarks.reference import launch_reference_script, throughput_patches
-    from benchmarks.throughput import progress, record_shards
-    from speedrun.params import load_yaml, parse_section
-    from speedrun.record.trainer import RecordParams
-
-    ref_dir = Path(os.environ.get("REFERENCE_DIR", ".reference/modded-nanogpt"))
-    if not (ref_dir / "train_gpt.py").exists():
-        raise SystemExit(f"no reference at {ref_dir}: fetch it first (python -m benchmarks.reference --fetch URL)")
-    r = parse_section(load_yaml(params), "record", RecordParams)
-    tmp = Path(tempfile.mkdtemp())
-    trace_path = tmp / "reference-trace.json"
-    proc, log = launch_reference_script(ref_dir, tmp / "reference", record_shards(tmp, r.stage_batch_tokens, steps, 2),
-                                        throughput_patches(steps, 2, profile_stage=stage, trace=trace_path))
-    rc = proc.wait()
-    text = log.read_text()
-    if rc != 0 or not trace_path.exists():
-        progress(f"reference exited {rc}; log tail:\n{text[-3000:]}")
-        raise SystemExit(f"reference run failed (exit {rc})")
-    marks = json.loads(re.search(r"REF_STEP_MS (.*)", text).group(1))[-steps:]
-    return sum(ms for _, ms in marks) / len(marks), json.loads(trace_path.read_text())
+    trace_path = Path(tempfile.mkdtemp()) / "reference-trace.json"
+    _, step_ms = run_reference(steps, params, profile_stage=stage, trace=trace_path)
+    timed = list(step_ms.values())[-steps:]   # the profiled steps (its settling steps come first)
+    return sum(timed) / len(timed), json.loads(trace_path.read_text())
 
 
 def main() -> None:

@@ -428,6 +428,36 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
     return result
 
 
+REFERENCE_SETTLE = 2   # untimed steps at each stage's start, before the timed ones
+
+
+def run_reference(steps: int, params_path: str, **patches) -> tuple[str, dict[int, float]]:
+    """The record's own train_gpt.py, patched by benchmarks.reference.throughput_patches(`steps`,
+    REFERENCE_SETTLE, **patches), on record_shards' synthetic tokens. Returns its log and each
+    timed step's milliseconds by step number."""
+    import re
+
+    from benchmarks.reference import launch_reference_script, throughput_patches
+    from speedrun.params import load_yaml, parse_section
+    from speedrun.record.trainer import RecordParams
+
+    ref_dir = Path(os.environ.get("REFERENCE_DIR", ".reference/modded-nanogpt"))
+    if not (ref_dir / "train_gpt.py").exists():
+        raise SystemExit(f"no reference at {ref_dir}: fetch it first "
+                         "(python -m benchmarks.reference --fetch URL_OR_GIT_DIR --checks init)")
+    r = parse_section(load_yaml(params_path), "record", RecordParams)
+    tmp = Path(tempfile.mkdtemp())
+    shards = record_shards(tmp, r.stage_batch_tokens, steps, REFERENCE_SETTLE)
+    proc, log = launch_reference_script(ref_dir, tmp / "reference", shards,
+                                        throughput_patches(steps, REFERENCE_SETTLE, **patches))
+    rc = proc.wait()
+    text = log.read_text()
+    if rc != 0 or "REF_STEP_MS" not in text:
+        progress(f"reference exited {rc}; log tail:\n{text[-3000:]}")
+        raise SystemExit(f"reference run failed (exit {rc})")
+    return text, dict(json.loads(re.search(r"REF_STEP_MS (.*)", text).group(1)))
+
+
 def measure_reference(name: str, overrides: dict, steps: int, params_path: str) -> dict:
     """Tokens/s of the record's own train_gpt.py per batch stage, on the tokens measure_record uses,
     its stage mean weighted as ours, its own warm-up time and peak memory (its closing line)."""
@@ -435,26 +465,11 @@ def measure_reference(name: str, overrides: dict, steps: int, params_path: str) 
 
     import torch
 
-    from benchmarks.reference import launch_reference_script, throughput_patches
-    from speedrun.params import load_yaml, parse_section
     from speedrun.record.trainer import RecordParams, schedule
 
-    ref_dir = Path(os.environ.get("REFERENCE_DIR", ".reference/modded-nanogpt"))
-    if not (ref_dir / "train_gpt.py").exists():
-        raise SystemExit(f"no reference at {ref_dir}: fetch it first "
-                         "(python -m benchmarks.reference --fetch URL_OR_GIT_DIR --checks init)")
-    r = parse_section(load_yaml(params_path), "record", RecordParams)
-    settle = 2
-    tmp = Path(tempfile.mkdtemp())
-    shards = record_shards(tmp, r.stage_batch_tokens, steps, settle)
+    settle = REFERENCE_SETTLE
     t = time.perf_counter()
-    proc, log = launch_reference_script(ref_dir, tmp / "reference", shards, throughput_patches(steps, settle))
-    rc = proc.wait()
-    text = log.read_text()
-    if rc != 0 or "REF_STEP_MS" not in text:
-        progress(f"{name}: reference exited {rc}; log tail:\n{text[-3000:]}")
-        raise SystemExit(f"reference run failed (exit {rc})")
-    step_ms = dict(json.loads(re.search(r"REF_STEP_MS (.*)", text).group(1)))
+    text, step_ms = run_reference(steps, params_path)
     result = {"variant": name, "recipe": "reference", "overrides": overrides,
               "compile_warmup_s": float(re.search(r"REF_WARMUP_S ([0-9.]+)", text).group(1)),
               "process_start_to_end_s": round(time.perf_counter() - t, 1)}
@@ -478,7 +493,7 @@ def measure_reference(name: str, overrides: dict, steps: int, params_path: str) 
         "tokens_per_s_start": rates[0], "tokens_per_s_middle": rates[1], "tokens_per_s_end": rates[2],
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "substitutions": "FA3 -> torch varlen_attn; FP8 scale slices copied by .abs() (cuBLAS alignment); "
-                         "warm-up cut to the timed stages' first two steps without its validation forward; "
+                         "warm-up cut to the timed stages' first two steps and one validation forward; "
                          "loop cut to the timed steps; no validation",
     })
     return result
