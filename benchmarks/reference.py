@@ -609,21 +609,21 @@ def _act_scales(model) -> torch.Tensor:
 
 
 def check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: int, T: int, val_T: int,
-                  compile_ours: bool, fp8_on: bool = True) -> bool:
+                  compile_ours: bool, fp8_on: bool = True, configs: tuple[str, ...] = tuple(STEP_CONFIGS)) -> bool:
     """Loss and gradients of the two models on the same weights and tokens (see the module doc).
     fp8_on=False turns the MLP's FP8 off on both sides (the record's DISABLE_FP8); the head stays
     FP8 on both, because the record's training loss (FusedSoftcappedCrossEntropy) has no other."""
     if fp8_on or os.environ.get("DISABLE_FP8"):
-        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on)
+        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on, configs)
     os.environ["DISABLE_FP8"] = "1"   # read by the reference's model at build and in its forward
     try:
-        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on)
+        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on, configs)
     finally:
         del os.environ["DISABLE_FP8"]
 
 
 def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: int, T: int, val_T: int,
-                   compile_ours: bool, fp8_on: bool) -> bool:
+                   compile_ours: bool, fp8_on: bool, configs: tuple[str, ...]) -> bool:
     from speedrun.record import model as our_model
     from speedrun.record.loader import DocumentBatches, ValidationChunks
     from speedrun.record.model import RecordConfig, build
@@ -653,8 +653,11 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
             twin.quantize_mlp_fp8(bootstrap_down=True)
     compiled = torch.compile(om.hidden_states, dynamic=False, fullgraph=True) if compile_ours else None
     train = shard_paths(shards, "train")
-    ok_all, out, floor, ref_floor, tols = True, {}, None, None, {}
-    for cfg in STEP_CONFIGS:
+    ok_all, out, tols, all_floors = True, {}, {}, []
+    # both legitimate spreads are measured at every configuration: a spread taken at stage 1 and
+    # reused at stage 3 judges one stage by another's numbers (longer windows and pieces, other
+    # YaRN tables: the spreads grow)
+    for cfg in configs:
         seq = STEP_CONFIGS[cfg][4]
         loader = DocumentBatches(train, ref.args.bigram_vocab_size)
         warm, batch = loader.next(T, seq), loader.next(T, seq)
@@ -663,7 +666,8 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
         scales = _act_scales(rm)
         buffers = {k: v.detach().clone() for k, v in rm.named_buffers()}
         rl, rg = run_reference_step(ref, rm, rm, batch, cfg, fp8)
-        if twin is not None and ref_floor is None:   # once (stage 1), as our own floor
+        floor = ref_floor = None
+        if twin is not None:
             with torch.no_grad():
                 for k, v in twin.named_buffers():
                     v.copy_(buffers[k])
@@ -672,8 +676,7 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
             print(f"  {cfg}: reference compiled in {time.perf_counter() - t:.1f}s", flush=True)
         runs = {}
         for tag, fn in (("eager", om.hidden_states), ("compiled", compiled)):
-            # the eager run measures the floor, once (stage 1): later configs reuse it
-            if fn is None or (tag == "eager" and floor is not None and compiled is not None):
+            if fn is None:
                 continue
             om._mlp_down_act_scales.copy_(scales)
             t = time.perf_counter()
@@ -684,6 +687,7 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
         if "compiled" in runs and "eager" in runs:
             floor = compare(*runs["compiled"], *runs["eager"])
         tight = compare(*runs["eager"], rl, rg) if "eager" in runs else {"grads": None, "losses": None}
+        all_floors += [floor, ref_floor]
         tol_loss, tol = tols[cfg] = forward_tolerances((floor, ref_floor), c["grads"])
         bad = [k for k, v in c["grads"].items() if not v <= tol[k]]
         ok = c["losses"] <= tol_loss and not bad
@@ -701,7 +705,7 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
     vb = next(ValidationChunks(shard_paths(shards, "val"), ref.args.bigram_vocab_size)(val_T, val_T))
     rv = eval_reference(ref, rm, rm, vb)
     main = eval_ours(om, compiled or om.hidden_states, vb)
-    tol = forward_tolerances((floor, ref_floor), {})[0]
+    tol = forward_tolerances(all_floors, {})[0]   # the final windows: the largest spread of any stage
     ok_all &= report.add("forward validation", rel(main, rv) <= tol, loss_rel=rel(main, rv), tol=tol,
                          ref_loss=rv.mean().item(), our_loss=main.mean().item(), tokens=val_T,
                          mean_loss_diff=abs(main.mean().item() - rv.mean().item()))
@@ -709,10 +713,11 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
     saved = our_model.XSA
     our_model.XSA = (1, 3, 4)
     try:
-        cfg = "stage1"
+        cfg = configs[0]
+        seq = STEP_CONFIGS[cfg][4]
         loader = DocumentBatches(train, ref.args.bigram_vocab_size)
-        loader.next(T, 896)
-        batch = loader.next(T, 896)
+        loader.next(T, seq)
+        batch = loader.next(T, seq)
         scales = _act_scales(rm)
         rl, rg = run_reference_step(ref, rm, rm, batch, cfg, fp8)
         om._mlp_down_act_scales.copy_(scales)
@@ -819,8 +824,17 @@ def throughput_patches(steps: int, settle: int, profile_stage: int | None = None
     stage's steps run, and torch.profiler (CUDA) records its `steps` timed steps into `trace` (a
     Chrome trace, for benchmarks.profile_step)."""
     stages = "[0, *training_manager.get_transition_steps()][:3]"
+    warm_stages, val_step = "[0, *transition_steps][:3]", "0"
+    primed = []
     if profile_stage is not None:
+        # only that stage is compiled and run; its first step sends the stage's batch size to a
+        # loader generator that has not started yet, so each loader is started (one batch) first
         stages = f"{stages}[{profile_stage - 1}:{profile_stage}]"
+        warm_stages = f"{warm_stages}[{profile_stage - 1}:{profile_stage}]"
+        val_step = "warmup_steps[0]"
+        loader = ("train_loader = distributed_data_generator(args.train_files, TRAINING_STAGES[0].batch_size, "
+                  "TRAINING_STAGES[0].train_max_seq_len, grad_accum_steps=grad_accum_steps)\n")
+        primed = [(loader, loader + "next(train_loader)\n", 2)]
     prof_start = (f"    if _k == {settle}:\n"
                   "        _prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])\n"
                   "        _prof.__enter__()\n") if profile_stage is not None else ""
@@ -829,10 +843,10 @@ def throughput_patches(steps: int, settle: int, profile_stage: int | None = None
     return [
         ("args = Hyperparameters()\n", "args = Hyperparameters()\nargs.val_loss_every = 0\n"),
         ("warmup_steps = sorted({0, 1} | {s + offset for s in transition_steps for offset in [-2, -1, 0, 1] if s + offset >= 2})",
-         "warmup_steps = [s + k for s in [0, *transition_steps][:3] for k in (0, 1)]"),
+         f"warmup_steps = [s + k for s in {warm_stages} for k in (0, 1)]"),
         # one validation forward stays, at step 0: it creates triton_kernels' module-level dummy
         # buffer outside an autograd.Function, where dynamo refuses the global's first write
-        (WARMUP_VAL_FORWARD, "    if step == 0:\n" + "".join(
+        (WARMUP_VAL_FORWARD, f"    if step == {val_step}:\n" + "".join(
             "    " + line + "\n" for line in WARMUP_VAL_FORWARD.splitlines()[:-1]) + "    for idx in range(grad_accum_steps):\n"),
         ('print0(f"Sampling steps {warmup_steps} for warmup", console=True)\n',
          'print0(f"Sampling steps {warmup_steps} for warmup", console=True)\n_t_warm = time.perf_counter()\n'),
@@ -849,6 +863,7 @@ def throughput_patches(steps: int, settle: int, profile_stage: int | None = None
          "\ntorch.cuda.synchronize()\n" + prof_end + "import json as _json\n"
          "print('REF_STEP_MS ' + _json.dumps([[b[0], a[1].elapsed_time(b[1])] for a, b in zip(_marks, _marks[1:])]), flush=True)\n"
          "\nif args.run_evals:\n"),
+        *primed,
     ]
 
 
@@ -1007,6 +1022,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="micro-batch of the forward check (16384 on GPU)")
     ap.add_argument("--val-tokens", type=int, default=None, help="validation chunk of the forward check")
     ap.add_argument("--no-compile", action="store_true", help="skip our compiled path (CPU development)")
+    ap.add_argument("--forward-configs", default=",".join(STEP_CONFIGS),
+                    help="forward check: which step configurations (the deliberate difference runs on the first)")
     ap.add_argument("--no-fp8", action="store_true",
                     help="forward check in bf16 on both sides (DISABLE_FP8 for the reference): separates FP8 "
                          "rounding from the rest of the math on the GPU")
@@ -1064,6 +1081,9 @@ def main() -> None:
     curve_jobs = None
     if "curves" in checks and args.curves_alongside:   # its processes train while the other checks run
         curve_jobs = launch_curves()
+    unknown = set(args.forward_configs.split(",")) - set(STEP_CONFIGS)
+    if unknown:
+        raise SystemExit(f"--forward-configs: unknown {sorted(unknown)}; known: {','.join(STEP_CONFIGS)}")
     torch._dynamo.config.recompile_limit = 256   # eager FlexAttention compiles per mask shape
     if set(checks) - {"curves"}:
         ref = load_reference(ref_dir, root / "module", device, eager=True)
@@ -1079,7 +1099,8 @@ def main() -> None:
                  "forward": lambda: check_forward(ref, Path(args.shards), report, args.seed,
                                                   262144 if cuda else max(max_seq, T), T, max_seq,
                                                   compile_ours=cuda and not args.no_compile,
-                                                  fp8_on=not args.no_fp8),
+                                                  fp8_on=not args.no_fp8,
+                                                  configs=tuple(args.forward_configs.split(","))),
                  "optimizer": lambda: check_optimizer(ref, report, args.seed, 4096, compile_ours=not args.no_compile,
                                                       deliberate=not args.skip_deliberate_optimizer)}
         for name in checks:

@@ -309,3 +309,11 @@ def test_reference_profile_patches_run_one_stage_under_the_profiler_when_present
     compile(src, str(ref), "exec")
     loop = src.split("_marks = []")[1]
     assert "[:3][2:3]" in loop and "if _k == 2:" in loop and "_prof.export_chrome_trace('t.json')" in loop
+    # only the profiled stage is compiled, its validation forward on the first warm-up step
+    warm = src.split("Sampling steps")[0].split("transition_steps = ")[1]
+    assert "for s in [0, *transition_steps][:3][2:3]" in warm
+    assert "if step == warmup_steps[0]:" in src
+    # a stage after the first sends its batch size as the loader's first message, which a
+    # just-started generator refuses (the first GPU profile of stage 3 died so): both loaders start first
+    made = src.count("train_loader = distributed_data_generator(")
+    assert made == 2 and src.count("grad_accum_steps=grad_accum_steps)\nnext(train_loader)\n") == made
