@@ -13,6 +13,10 @@
    compiled unfused MLP;
 6. the accumulating embedding lookups (embedding.py): one step's table gradients against an
    fp64 sum, and their time against bf16 nn.Embedding tables.
+
+    python -m benchmarks.gpu_checks --only record_head [--baseline OLD_LOSS_PY]
+
+checks the record recipe's FP8 head alone (its loss kernel, its tiled transpose) and times it.
 """
 from __future__ import annotations
 
@@ -217,6 +221,64 @@ def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0) 
     return out
 
 
+def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: str | None = None,
+                      device: str = "cuda") -> dict:
+    """The record recipe's FP8 head (speedrun/record/loss.py) at a stage-3 micro-batch: the loss
+    kernel against its PyTorch reference, the tiled transpose bit for bit against PyTorch's copy,
+    and fwd+bwd time with PyTorch's transposes in its place. `baseline`: another loss.py (an
+    earlier version, say) timed in the same process."""
+    import importlib.util
+
+    from speedrun.record import loss as L
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, D, device=device, generator=g).bfloat16()
+    w = (torch.randn(D, V, device=device, generator=g) * 0.05).bfloat16()
+    t = torch.randint(0, V, (N,), device=device, generator=g)
+    pre = torch.randint(-1, V, (N,), device=device, generator=g)
+    mtp, pw = torch.tensor([1.0, 0.5, 0.25], device=device), torch.tensor([0.25], device=device)
+    out = {"tokens": N}
+    n = min(N, 1024)   # the kernel against the fp32 reference, gradient stored in bf16
+    u = (x[:n] @ w)
+    ref_l, ref_g = L.loss_and_logit_grad(u, t[:n], mtp, pre[:n], pw, grad_mul=1.0)
+    for fast in (False, True) if device == "cuda" else (False,):   # tanh.approx: GPU only
+        grad = torch.empty(n, V, device=device, dtype=torch.bfloat16)
+        losses = L._run_kernel(u, t[:n], mtp, pre[:n], pw, grad, L.A / L.C, fast)
+        out[f"kernel_fast{int(fast)}"] = {
+            "loss_rel_err": ((losses - ref_l).abs().max() / ref_l.abs().max()).item(),
+            "grad_rel_err": ((grad.float() - ref_g).norm() / ref_g.norm()).item()}
+    big = torch.randn(N, V, device=device, generator=g).to(torch.float8_e5m2)
+    out["transpose_same_bits"] = torch.equal(L.transposed(big).view(torch.uint8), big.t().contiguous().view(torch.uint8))
+    out["transpose_ms"] = round(_cuda_ms(lambda: L.transposed(big), reps=10), 3)
+    out["torch_transpose_ms"] = round(_cuda_ms(lambda: big.t().contiguous(), reps=10), 3)
+    del big
+
+    def step(mod):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        mod.train_losses(xr, wr, t, mtp, pre, pw, 1 / 8, fp8=True).sum().backward()
+        return xr.grad, wr.grad
+
+    gx, gw = step(L)
+    out["fwd_bwd_ms"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
+    kept = L.transposed
+    L.transposed = lambda a: a.t().contiguous()
+    try:
+        tx, tw = step(L)
+        out["fwd_bwd_ms_torch_transpose"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
+        out["grads_equal_with_torch_transpose"] = torch.equal(gx, tx) and torch.equal(gw, tw)
+    finally:
+        L.transposed = kept
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_loss", baseline)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        bx, bw = step(old)
+        out["fwd_bwd_ms_baseline"] = round(_cuda_ms(lambda: step(old), reps=10), 3)
+        out["baseline_grad_rel_diff"] = {"x": ((bx.float() - gx.float()).norm() / gx.float().norm()).item(),
+                                         "w": ((bw - gw).norm() / gw.norm()).item()}
+    return out
+
+
 def _cuda_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -343,6 +405,14 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
 
 
 def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["record_head"], default=None, help="one check instead of all")
+    ap.add_argument("--baseline", default=None, help="record_head: another loss.py to time beside ours")
+    args = ap.parse_args()
+    if args.only == "record_head":
+        print(json.dumps(check_record_head(baseline=args.baseline)))
+        return
     masks = check_masks()
     worst = worst_of(m["rel_err"] for m in masks)
     print(json.dumps({"mask_checks": len(masks), "worst_rel_err": worst}))

@@ -246,3 +246,53 @@ def test_fp8_steps_keep_no_graph_across_steps_and_update_the_delayed_scales():
         scales.append(model._mlp_down_act_scales.clone())
         assert torch.isfinite(losses).all()
     assert not torch.equal(scales[0][:11], torch.ones(11))   # set from the activations' amax
+
+
+_INTERPRETED_KERNELS = r"""
+import json, torch
+from speedrun.record import loss as L
+torch.manual_seed(0)
+out = {}
+# the tiled transpose: shapes that are not multiples of its 64 x 128 tile, 1-, 2- and 4-byte types
+same = []
+for (m, n), dtype in [((70, 200), torch.float8_e5m2), ((130, 129), torch.bfloat16), ((5, 300), torch.float32)]:
+    t = torch.randn(m, n).to(dtype)
+    same.append(torch.equal(L.transposed(t).view(-1).view(torch.uint8), t.t().contiguous().view(-1).view(torch.uint8)))
+out["transpose_same_bits"] = same
+# the loss kernel against its PyTorch reference: a vocabulary with a masked tail, MTP targets
+# that run past the end, targets out of range, prefix targets absent and present
+N, V = 24, 2500
+u = (torch.randn(N, V) * 8).bfloat16()
+t = torch.randint(0, V, (N,))
+t[3] = -1
+pre = torch.randint(-1, V, (N,))
+mtp, pw = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.3])
+grad = torch.empty(N, V, dtype=torch.bfloat16)
+losses = L._run_kernel(u, t, mtp, pre, pw, grad, 2.0 * (L.A / L.C), fast=False)
+ref, g = L.loss_and_logit_grad(u, t, mtp, pre, pw, grad_mul=2.0)
+out["loss_err"] = ((losses - ref).abs().max() / ref.abs().max()).item()
+out["grad_err"] = ((grad.float() - g).norm() / g.norm()).item()
+print(json.dumps(out))
+"""
+
+
+def test_head_kernels_in_the_triton_interpreter():
+    """The loss kernel and the tiled transpose of the FP8 head, run by Triton's interpreter on CPU
+    (skipped where Triton is not installed, as on the CI's CPU torch)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    from conftest import PROJECT
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton not installed (CPU torch): the GPU checks cover the kernels")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNELS], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["transpose_same_bits"] == [True, True, True], res
+    assert res["loss_err"] < 1e-5 and res["grad_err"] < 1e-2, res   # the gradient is stored in bf16

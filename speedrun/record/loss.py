@@ -122,26 +122,23 @@ if triton is not None:
 
     @triton.jit
     def _loss_kernel(logits_ptr, grad_ptr, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, loss_ptr,
-                     N, V, inv_c, b_div_c, a, coef, N_PRED: tl.constexpr, WITH_GRAD: tl.constexpr,
+                     N, V: tl.constexpr, inv_c, b_div_c, a, coef, N_PRED: tl.constexpr, WITH_GRAD: tl.constexpr,
                      FAST: tl.constexpr, BLOCK: tl.constexpr):
-        """One row per program: max, sum of exp, the loss terms, then the logit gradient
-        (scaled by `coef` and stored in grad_ptr's dtype: e5m2 or bf16)."""
+        """One row per program, two passes over its logits: the sum of exp and the loss terms,
+        then the logit gradient (scaled by `coef`, stored in grad_ptr's dtype: e5m2 or bf16).
+
+        Every rescaled logit lies in (0, a), so exp(z - a) is in (e^-a, 1]: a fixed shift by the
+        bound `a` replaces the row maximum and its pass (the record's kernel shifts by the row
+        maximum; the log-sum-exp is the same up to fp32 rounding)."""
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * V
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < V
-            s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c, FAST)
-            m = tl.maximum(m, tl.where(ok, a * s, float("-inf")))
-        mx = tl.max(m, axis=0)
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < V
             s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c, FAST)
-            acc += tl.where(ok, tl.exp(a * sb - mx), 0.0)
-        lse = mx + tl.log(tl.sum(acc, axis=0))
+            acc += tl.where(ok, tl.exp(a * sb - a), 0.0)
+        lse = a + tl.log(tl.sum(acc, axis=0))
         loss = 0.0
         s_w = 0.0
         for k in tl.static_range(N_PRED):
@@ -177,6 +174,37 @@ if triton is not None:
                 tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+if triton is not None:
+    @triton.jit
+    def _transpose_kernel(src_ptr, dst_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dst [N, M] = src [M, N].T, both row-major: a tile read along src's rows and written
+        along dst's rows, so both sides are coalesced."""
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        ok = (rows[:, None] < M) & (cols[None, :] < N)
+        tile = tl.load(src_ptr + rows[:, None] * N + cols[None, :], mask=ok)
+        tl.store(dst_ptr + cols[:, None] * M + rows[None, :], tl.trans(tile), mask=tl.trans(ok))
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def transposed(t: Tensor) -> Tensor:
+    """t.t().contiguous() of a 2-D tensor. On a GPU a tiled kernel: PyTorch's copy of a transposed
+    view writes across rows, uncoalesced, and the e5m2 logit gradient's copy for the weight
+    gradient took 124 ms of an 884 ms stage-3 step on an H200. The kernel moves raw bits (an
+    integer view of the same width), so any dtype of 1, 2 or 4 bytes goes through it."""
+    if not (kernel_available(t) and t.dim() == 2 and t.element_size() in _SAME_SIZE_INT):
+        return t.t().contiguous()
+    t = t.contiguous()
+    M, N = t.shape
+    out = torch.empty((N, M), dtype=t.dtype, device=t.device)
+    as_int = _SAME_SIZE_INT[t.element_size()]
+    _transpose_kernel[(triton.cdiv(M, 64), triton.cdiv(N, 128))](
+        t.view(as_int), out.view(as_int), M, N, BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+    return out
+
+
 def kernel_available(x: Tensor) -> bool:
     import os
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
@@ -197,7 +225,7 @@ def _run_kernel(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets:
 # ----------------------------------------------------------------------------- autograd
 
 def _col_major(t: Tensor) -> Tensor:
-    return t.t().contiguous().t()
+    return transposed(t).t()
 
 
 def _scalar(v: float, like: Tensor) -> Tensor:
@@ -244,7 +272,7 @@ class _TrainLoss(torch.autograd.Function):
             gs = _scalar(ctx.g_scale, g8)
             grad_x = torch._scaled_mm(g8, w_f8.t(), scale_a=gs, scale_b=_scalar(W_SCALE, g8),
                                       out_dtype=torch.bfloat16)
-            grad_w = torch._scaled_mm(x_f8.t().contiguous(), g8.t().contiguous().t(),
+            grad_w = torch._scaled_mm(transposed(x_f8), _col_major(g8),
                                       scale_a=_scalar(X_SCALE, g8), scale_b=gs, out_dtype=torch.float32)
         else:
             x, weight, g = ctx.saved_tensors
