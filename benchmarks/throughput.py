@@ -37,6 +37,11 @@ VARIANTS = {
     "record_bf16": {"recipe": "record", "fp8": "off"},
     # the default on the code paths a compute-capability-8.9 card (RTX 4090) takes, under its 24 GB
     "record_sm89": {"recipe": "record", "emulate": "sm89"},
+    # d(pre) of the MLP backward inside the matmul's epilogue (record/mlp.py BACKWARD). Predicted
+    # from the stage-3 profile: -18 ms of pointwise kernel and about -5 ms of bf16 traffic (88
+    # writes and reads of a [16k, 3072] tensor a step), less whatever the Triton matmul gives up
+    # to cuBLAS's: about +2% tok/s
+    "record_fused_mlp_bwd": {"recipe": "record", "mlp_backward": "fused"},
     # the record's own code (.reference/, fetched by benchmarks.reference) on the same synthetic tokens
     "reference": {"recipe": "reference"},
     # the previous recipe (train.recipe: classic): overrides of params.yaml's train section
@@ -339,6 +344,7 @@ def record_run(overrides: dict, params_path: str, steps: int, settle: int):
     from speedrun.train import Paths, TrainParams
 
     emulated = emulate_capability(**SM89) if overrides.get("emulate") == "sm89" else {}
+    overrides = apply_switches(overrides)
     raw = load_yaml(params_path)
     p = dataclasses.replace(parse_section(raw, "train", TrainParams), recipe="record")
     r = dataclasses.replace(parse_section(raw, "record", RecordParams),

@@ -67,7 +67,7 @@ if triton is not None:
 
     @triton.jit
     def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N,
-                        BACKWARD: tl.constexpr, SCALED: tl.constexpr,
+                        BACKWARD: tl.constexpr, SCALED: tl.constexpr, ROUND_DPOST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # plain stores straight from registers, not TMA stores: those stage through shared memory
         # and wait on it, and the shared memory they free admits a 4th pipeline stage
@@ -80,8 +80,10 @@ if triton is not None:
             sb = tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)
             acc = acc * sa[:, None] * sb[None, :]
         dtype = out_ptr.dtype.element_ty
-        if BACKWARD:   # d pre = 2 relu(pre) * d post, with d post = acc (unrounded)
+        if BACKWARD:   # d pre = 2 relu(pre) * d post, with d post = acc (unrounded unless ROUND_DPOST)
             # relu(pre) = sqrt(post): post is all backward needs, and it is kept already
+            if ROUND_DPOST:   # d post rounded to the activation dtype first, as an unfused matmul's output
+                acc = acc.to(dtype).to(tl.float32)
             r = tl.sqrt(tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32))
             tl.store(out_ptr + offs, (2.0 * r * acc).to(dtype), mask=mask)
         else:          # post from the ROUNDED pre: the same numbers as the unfused MLP
@@ -91,7 +93,7 @@ if triton is not None:
 
     @triton.jit
     def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
-                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, B_NK: tl.constexpr,
+                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, ROUND_DPOST: tl.constexpr, B_NK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         """acc = A[M, K] @ B (B stored [N, K] if B_NK else [K, N]), then the ReLU^2 epilogue.
@@ -123,9 +125,9 @@ if triton is not None:
             # two half-width subtiles: half the live registers in the epilogue
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N,
-                            BACKWARD, SCALED, BLOCK_M, BLOCK_N // 2)
+                            BACKWARD, SCALED, ROUND_DPOST, BLOCK_M, BLOCK_N // 2)
             _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, a_scale_ptr,
-                            b_scale_ptr, M, N, BACKWARD, SCALED, BLOCK_M, BLOCK_N // 2)
+                            b_scale_ptr, M, N, BACKWARD, SCALED, ROUND_DPOST, BLOCK_M, BLOCK_N // 2)
 
 
 @functools.cache
@@ -153,7 +155,7 @@ def kernels_available(x: Tensor) -> bool:
 
 
 def _launch(a: Tensor, b: Tensor, b_nk: bool, saved: Tensor, out: Tensor, backward: bool,
-            scales: tuple[Tensor, Tensor] | None = None) -> None:
+            scales: tuple[Tensor, Tensor] | None = None, round_dpost: bool = False) -> None:
     M, K = a.shape
     N = out.size(1)
     if not a.is_cuda:
@@ -165,7 +167,8 @@ def _launch(a: Tensor, b: Tensor, b_nk: bool, saved: Tensor, out: Tensor, backwa
     grid = (min(n_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     a_scale, b_scale = scales if scales is not None else (out, out)   # unread unless SCALED
     _mm_relu2_kernel[grid](desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), saved, out,
-                           a_scale, b_scale, M, N, K, BACKWARD=backward, SCALED=scales is not None, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                           a_scale, b_scale, M, N, K, BACKWARD=backward, SCALED=scales is not None,
+                           ROUND_DPOST=round_dpost, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                            GROUP_M=8, NUM_SMS=n_sms, WARP_SPECIALIZE=ws, num_stages=stages,
                            num_warps=warps)
 
@@ -186,18 +189,24 @@ def _(x: Tensor, w1: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("speedrun::linear_relu2_grad", mutates_args=())
-def linear_relu2_grad(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
-    """d pre = 2 sqrt(post) * (g @ w2), as relu(pre) = sqrt(post); g [M, K], w2 [K, N], post [M, N]."""
+def linear_relu2_grad(g: Tensor, w2: Tensor, post: Tensor, round_dpost: bool = False) -> Tensor:
+    """d pre = 2 sqrt(post) * (g @ w2), as relu(pre) = sqrt(post); g [M, K], w2 [K, N] (or the
+    transposed view of a contiguous [N, K]: read as it is stored), post [M, N]. round_dpost:
+    g @ w2 is rounded to g's dtype before the product, as an unfused bf16 matmul would (and as
+    the record's fused kernel does); otherwise it enters unrounded (more exact)."""
     if not kernels_available(g):
         return (2 * post.float().sqrt() * (g @ w2).float()).to(g.dtype)
     post = post.contiguous()
     dpre = torch.empty_like(post)
-    _launch(g, w2.contiguous(), False, post, dpre, backward=True)
+    if w2.t().is_contiguous() and not w2.is_contiguous():
+        _launch(g, w2.t(), True, post, dpre, backward=True, round_dpost=round_dpost)
+    else:
+        _launch(g, w2.contiguous(), False, post, dpre, backward=True, round_dpost=round_dpost)
     return dpre
 
 
 @linear_relu2_grad.register_fake
-def _(g: Tensor, w2: Tensor, post: Tensor) -> Tensor:
+def _(g: Tensor, w2: Tensor, post: Tensor, round_dpost: bool = False) -> Tensor:
     return torch.empty_like(post)
 
 

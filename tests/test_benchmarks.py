@@ -110,6 +110,9 @@ def test_every_variant_override_is_a_train_param_or_a_library_switch(monkeypatch
     monkeypatch.setattr(speedrun.embedding, "GRAD_MODE", "accumulate")
     assert apply_switches({"embed_grad": "dense", "steps": 7}) == {"steps": 7}
     assert speedrun.embedding.GRAD_MODE == "dense"
+    import importlib   # a switch names an attribute that exists (setattr would create a dead one)
+    for module, attr in SWITCHES.values():
+        assert hasattr(importlib.import_module(module), attr), (module, attr)
 
 
 def test_schedule_rate_averages_step_times_not_rates():

@@ -250,6 +250,14 @@ def test_fp8_steps_keep_no_graph_across_steps_and_update_the_delayed_scales():
 
 _INTERPRETED_KERNELS = r"""
 import json, torch
+import triton.runtime.interpreter as _interp
+# Triton 3.5's interpreter takes a loop bound with int() of a 1-element array, an error from
+# numpy 2.3 on: read it with .item()
+_patch = _interp._patch_lang_tensor
+def _patch_item(tensor):
+    _patch(tensor)
+    tensor.__index__ = lambda self: int(self.handle.data.item())
+_interp._patch_lang_tensor = _patch_item
 from speedrun.record import loss as L
 torch.manual_seed(0)
 out = {}
@@ -272,13 +280,31 @@ losses = L._run_kernel(u, t, mtp, pre, pw, grad, 2.0 * (L.A / L.C), fast=False)
 ref, g = L.loss_and_logit_grad(u, t, mtp, pre, pw, grad_mul=2.0)
 out["loss_err"] = ((losses - ref).abs().max() / ref.abs().max()).item()
 out["grad_err"] = ((grad.float() - g).norm() / g.norm()).item()
+# the MLP backward with d(pre) in the matmul's epilogue (record/mlp.py BACKWARD = "fused") against
+# the pointwise one; W2 is stored [hidden, dim], so the kernel reads it as stored (its transpose).
+# fp32: the interpreter's TMA loads of bf16 return garbage (numpy has no bf16); the GPU checks
+# cover bf16
+from speedrun import mlp as fused_mlp
+from speedrun.record import mlp as RM
+M, D, H = 64, 32, 128
+x, g = torch.randn(M, D), torch.randn(M, D)
+w1, w2 = torch.randn(H, D) / D ** 0.5, torch.randn(H, D) / H ** 0.5
+post = torch.relu(x @ w1.t()).square()
+grads = {}
+for mode in ("pointwise", "fused"):
+    RM.BACKWARD = mode
+    grads[mode] = RM._backward(g, x, w1, w2, post)
+out["mlp_fused_kernel"] = fused_mlp.kernels_available(g)
+out["mlp_bwd_errs"] = [((a.float() - b.float()).norm() / b.float().norm()).item()
+                       for a, b in zip(grads["fused"], grads["pointwise"])]
 print(json.dumps(out))
 """
 
 
 def test_head_kernels_in_the_triton_interpreter():
-    """The loss kernel and the tiled transpose of the FP8 head, run by Triton's interpreter on CPU
-    (skipped where Triton is not installed, as on the CI's CPU torch)."""
+    """The loss kernel and the tiled transpose of the FP8 head, and the MLP backward's fused
+    d(pre), run by Triton's interpreter on CPU (skipped where Triton is not installed, as on the
+    CI's CPU torch)."""
     import importlib.util
     import json
     import os
@@ -296,3 +322,4 @@ def test_head_kernels_in_the_triton_interpreter():
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["transpose_same_bits"] == [True, True, True], res
     assert res["loss_err"] < 1e-5 and res["grad_err"] < 1e-2, res   # the gradient is stored in bf16
+    assert res["mlp_fused_kernel"] and max(res["mlp_bwd_errs"]) < 1e-5, res

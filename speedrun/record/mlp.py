@@ -19,9 +19,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from speedrun import mlp as fused_mlp
+
 E4M3_MAX = 448.0
 ACT_HEADROOM = 1.80      # headroom of the delayed activation scale
 WEIGHT_HEADROOM = 1.12   # headroom of the delayed down-projection weight scale
+# d(pre) = 2 sqrt(post) * (grad @ W2^T): "pointwise" (a cuBLAS matmul, then one pointwise kernel)
+# or "fused" (speedrun/mlp.py's matmul kernel with the product in its epilogue, the record's way;
+# Hopper only, the same numbers up to the matmul's summation order). A benchmark switch
+# (benchmarks/switches.py) until measured: the pointwise kernel took 18 ms of an 884 ms stage-3
+# step on an H200, and the fused kernel also saves writing and reading grad @ W2^T
+BACKWARD = "pointwise"
 
 
 def relu2_bf16(x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +118,10 @@ class _ReLU2MLP(torch.autograd.Function):
 def _backward(grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, post: Tensor):
     grad = grad.contiguous()
     d_w2 = post.t() @ grad
-    d_pre = ((grad @ w2.t()).float() * 2 * post.float().sqrt()).to(grad.dtype)
+    if BACKWARD == "fused" and fused_mlp.kernels_available(grad):
+        d_pre = fused_mlp.linear_relu2_grad(grad, w2.t(), post, True)
+    else:
+        d_pre = ((grad @ w2.t()).float() * 2 * post.float().sqrt()).to(grad.dtype)
     return d_pre @ w1, d_pre.t() @ x, d_w2
 
 
