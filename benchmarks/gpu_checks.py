@@ -16,7 +16,8 @@
 
     python -m benchmarks.gpu_checks --only record_head [--baseline OLD_LOSS_PY]
 
-checks the record recipe's FP8 head alone (its loss kernel, its tiled transpose) and times it.
+checks the record recipe's FP8 head alone (its loss kernel, its tiled transpose) and times it;
+`--only record_mlp` the record recipe's MLP backward, pointwise vs fused d(pre).
 """
 from __future__ import annotations
 
@@ -279,6 +280,39 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
     return out
 
 
+def check_record_mlp_backward(M: int = 16384, D: int = 768, H: int = 3072, device: str = "cuda",
+                              dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The record recipe's MLP backward at a training micro-batch, d(pre) pointwise (the default)
+    vs inside the matmul's epilogue (record/mlp.py BACKWARD = "fused"): how many elements of
+    d(pre) agree bit for bit (they may differ by the matmul's summation order), the largest
+    relative difference of every gradient, and each backward's time."""
+    from speedrun.record import mlp as RM
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, D, device=device, generator=g).to(dtype)
+    grad = torch.randn(M, D, device=device, generator=g).to(dtype)
+    w1 = (torch.randn(H, D, device=device, generator=g) / D ** 0.5).to(dtype)
+    w2 = (torch.randn(H, D, device=device, generator=g) / H ** 0.5).to(dtype)
+    post = torch.relu(x @ w1.t()).square()
+    out, res, kept = {"tokens": M}, {}, RM.BACKWARD
+    try:
+        for mode in ("pointwise", "fused"):
+            RM.BACKWARD = mode
+            res[mode] = RM._backward(grad, x, w1, w2, post)
+            out[f"{mode}_ms"] = round(_cuda_ms(lambda: RM._backward(grad, x, w1, w2, post)), 3)
+    finally:
+        RM.BACKWARD = kept
+    from speedrun import mlp as fused_mlp
+    fused = fused_mlp.linear_relu2_grad(grad.contiguous(), w2.t(), post, True)
+    point = ((grad @ w2.t()).float() * 2 * post.float().sqrt()).to(dtype)
+    out["dpre_equal_fraction"] = (fused == point).float().mean().item()
+    out["dpre_max_rel_diff"] = ((fused.float() - point.float()).abs()
+                                / point.float().abs().clamp_min(1e-6)).max().item()
+    out["grad_rel_diff"] = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                            for n, a, b in zip(("x", "w1", "w2"), res["fused"], res["pointwise"])}
+    return out
+
+
 def _cuda_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -407,11 +441,14 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
 def main() -> None:
     import argparse
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["record_head"], default=None, help="one check instead of all")
+    ap.add_argument("--only", choices=["record_head", "record_mlp"], default=None, help="one check instead of all")
     ap.add_argument("--baseline", default=None, help="record_head: another loss.py to time beside ours")
     args = ap.parse_args()
     if args.only == "record_head":
         print(json.dumps(check_record_head(baseline=args.baseline)))
+        return
+    if args.only == "record_mlp":
+        print(json.dumps(check_record_mlp_backward()))
         return
     masks = check_masks()
     worst = worst_of(m["rel_err"] for m in masks)
