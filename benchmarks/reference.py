@@ -1048,6 +1048,10 @@ def main() -> None:
         fetch(ref_dir, args.fetch)
     if not all((ref_dir / f).is_file() for f in REF_FILES):
         raise SystemExit(f"{ref_dir} lacks {', '.join(REF_FILES)}: run with --fetch {REF_URL}")
+    forward_configs = tuple(args.forward_configs.split(","))
+    unknown = set(forward_configs) - set(STEP_CONFIGS)
+    if unknown:
+        raise SystemExit(f"--forward-configs: unknown {sorted(unknown)}; known: {','.join(STEP_CONFIGS)}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     checks = args.checks.split(",")
@@ -1081,9 +1085,6 @@ def main() -> None:
     curve_jobs = None
     if "curves" in checks and args.curves_alongside:   # its processes train while the other checks run
         curve_jobs = launch_curves()
-    unknown = set(args.forward_configs.split(",")) - set(STEP_CONFIGS)
-    if unknown:
-        raise SystemExit(f"--forward-configs: unknown {sorted(unknown)}; known: {','.join(STEP_CONFIGS)}")
     torch._dynamo.config.recompile_limit = 256   # eager FlexAttention compiles per mask shape
     if set(checks) - {"curves"}:
         ref = load_reference(ref_dir, root / "module", device, eager=True)
@@ -1100,7 +1101,7 @@ def main() -> None:
                                                   262144 if cuda else max(max_seq, T), T, max_seq,
                                                   compile_ours=cuda and not args.no_compile,
                                                   fp8_on=not args.no_fp8,
-                                                  configs=tuple(args.forward_configs.split(","))),
+                                                  configs=forward_configs),
                  "optimizer": lambda: check_optimizer(ref, report, args.seed, 4096, compile_ours=not args.no_compile,
                                                       deliberate=not args.skip_deliberate_optimizer)}
         for name in checks:

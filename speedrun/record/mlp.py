@@ -115,14 +115,19 @@ class _ReLU2MLP(torch.autograd.Function):
         return _backward(grad, *ctx.saved_tensors)
 
 
+def d_pre(grad: Tensor, w2: Tensor, post: Tensor) -> Tensor:
+    """2 relu(pre) * (grad @ W2^T), relu(pre) read back as sqrt(post); grad contiguous. BACKWARD
+    picks the kernel."""
+    if BACKWARD == "fused" and fused_mlp.kernels_available(grad):
+        return fused_mlp.linear_relu2_grad(grad, w2.t(), post, True)
+    return ((grad @ w2.t()).float() * 2 * post.float().sqrt()).to(grad.dtype)
+
+
 def _backward(grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, post: Tensor):
     grad = grad.contiguous()
     d_w2 = post.t() @ grad
-    if BACKWARD == "fused" and fused_mlp.kernels_available(grad):
-        d_pre = fused_mlp.linear_relu2_grad(grad, w2.t(), post, True)
-    else:
-        d_pre = ((grad @ w2.t()).float() * 2 * post.float().sqrt()).to(grad.dtype)
-    return d_pre @ w1, d_pre.t() @ x, d_w2
+    dp = d_pre(grad, w2, post)
+    return dp @ w1, dp.t() @ x, d_w2
 
 
 def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor, fp8: tuple | None = None) -> tuple[Tensor, Tensor | None]:
