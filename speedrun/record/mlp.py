@@ -24,12 +24,12 @@ from speedrun import mlp as fused_mlp
 E4M3_MAX = 448.0
 ACT_HEADROOM = 1.80      # headroom of the delayed activation scale
 WEIGHT_HEADROOM = 1.12   # headroom of the delayed down-projection weight scale
-# d(pre) = 2 sqrt(post) * (grad @ W2^T): "pointwise" (a cuBLAS matmul, then one pointwise kernel)
-# or "fused" (speedrun/mlp.py's matmul kernel with the product in its epilogue, the record's way;
-# Hopper only, the same numbers up to the matmul's summation order). A benchmark switch
-# (benchmarks/switches.py) until measured: the pointwise kernel took 18 ms of an 884 ms stage-3
-# step on an H200, and the fused kernel also saves writing and reading grad @ W2^T
-BACKWARD = "pointwise"
+# d(pre) = 2 sqrt(post) * (grad @ W2^T): "fused" (speedrun/mlp.py's matmul kernel with the product
+# in its epilogue, the record's way; Hopper only, elsewhere the pointwise path runs) or "pointwise"
+# (a cuBLAS matmul, then one pointwise kernel). The two give bit-identical d(pre) on an H200; the
+# fused one is 2.4x faster in isolation and +0.8% tok/s over the whole record step there
+# (benchmarks/results/README.md). A benchmark switch (benchmarks/switches.py)
+BACKWARD = "fused"
 
 
 def relu2_bf16(x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
