@@ -125,9 +125,23 @@ def test_schedule_rate_averages_step_times_not_rates():
     line = table([row]).splitlines()[-1]
     assert "**490k**" in line and "| 510k |" in line
     # a recipe_4090 row in the same call adds every row's ratio to it
-    base = {**row, "variant": "recipe_4090", "tokens_per_s_schedule_mean": 3.5e5}
+    # (by schedule means and by median steps: one slow step moves only the first)
+    base = {**row, "variant": "recipe_4090", "tokens_per_s_schedule_mean": 3.5e5,
+            "tokens_per_s_schedule_median_steps": 4.0e5}
     lines = table([row, base]).splitlines()
-    assert lines[0].endswith("x recipe_4090 |") and lines[2].endswith(" 1.40 |") and lines[3].endswith(" 1.00 |")
+    assert lines[0].endswith("x recipe_4090 | x recipe_4090, median steps |")
+    assert lines[2].endswith(" 1.40 | 1.27 |") and lines[3].endswith(" 1.00 | 1.00 |")
+
+
+def test_median_step_rate_ignores_one_stalled_step_the_mean_counts():
+    from benchmarks.throughput import median_step_rate, run_mean_rate
+    from speedrun.record.trainer import RecordParams, schedule
+    sched = schedule(RecordParams())
+    steady = {f"step_ms_each_stage{i + 1}": [100.0 * (i + 1)] * 5 for i in range(3)}
+    stalled = {**steady, "step_ms_each_stage3": [900.0] + [300.0] * 4}
+    rates = [sched.stages[i].batch_tokens / (0.1 * (i + 1)) for i in range(3)]
+    assert math.isclose(median_step_rate(sched, stalled), run_mean_rate(sched, rates)[0])
+    assert math.isclose(median_step_rate(sched, steady), median_step_rate(sched, stalled))
 
 
 def test_turns_train_one_at_a_time_in_order_after_every_warm_up(tmp_path):
