@@ -609,21 +609,27 @@ def _act_scales(model) -> torch.Tensor:
 
 
 def check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: int, T: int, val_T: int,
-                  compile_ours: bool, fp8_on: bool = True, configs: tuple[str, ...] = tuple(STEP_CONFIGS)) -> bool:
+                  compile_ours: bool, fp8_on: bool = True, configs: tuple[str, ...] = tuple(STEP_CONFIGS),
+                  deliberate: bool = True, validation: bool = True, prior_floors: tuple = ()) -> tuple[bool, list]:
     """Loss and gradients of the two models on the same weights and tokens (see the module doc).
     fp8_on=False turns the MLP's FP8 off on both sides (the record's DISABLE_FP8); the head stays
-    FP8 on both, because the record's training loss (FusedSoftcappedCrossEntropy) has no other."""
+    FP8 on both, because the record's training loss (FusedSoftcappedCrossEntropy) has no other.
+    Returns (all passed, the legitimate spreads measured, prior_floors first): validation is judged
+    by the largest spread of any configuration, also of those checked in other processes."""
+    args = (ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on, configs,
+            deliberate, validation, list(prior_floors))
     if fp8_on or os.environ.get("DISABLE_FP8"):
-        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on, configs)
+        return _check_forward(*args)
     os.environ["DISABLE_FP8"] = "1"   # read by the reference's model at build and in its forward
     try:
-        return _check_forward(ref, shards, report, seed, max_seq_len, T, val_T, compile_ours, fp8_on, configs)
+        return _check_forward(*args)
     finally:
         del os.environ["DISABLE_FP8"]
 
 
 def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: int, T: int, val_T: int,
-                   compile_ours: bool, fp8_on: bool, configs: tuple[str, ...]) -> bool:
+                   compile_ours: bool, fp8_on: bool, configs: tuple[str, ...], deliberate: bool,
+                   validation: bool, all_floors: list) -> tuple[bool, list]:
     from speedrun.record import model as our_model
     from speedrun.record.loader import DocumentBatches, ValidationChunks
     from speedrun.record.model import RecordConfig, build
@@ -653,7 +659,7 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
             twin.quantize_mlp_fp8(bootstrap_down=True)
     compiled = torch.compile(om.hidden_states, dynamic=False, fullgraph=True) if compile_ours else None
     train = shard_paths(shards, "train")
-    ok_all, out, tols, all_floors = True, {}, {}, []
+    ok_all, out, tols = True, {}, {}
     # both legitimate spreads are measured at every configuration: a spread taken at stage 1 and
     # reused at stage 3 judges one stage by another's numbers (longer windows and pieces, other
     # YaRN tables: the spreads grow)
@@ -702,17 +708,23 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
                              reference_compiled_vs_eager_loss=ref_floor["losses"] if ref_floor else None)
         out[cfg] = c
     # validation: the final windows (long 20 blocks, YaRN after 3 -> 7 -> 11 -> 13)
-    vb = next(ValidationChunks(shard_paths(shards, "val"), ref.args.bigram_vocab_size)(val_T, val_T))
-    rv = eval_reference(ref, rm, rm, vb)
-    main = eval_ours(om, compiled or om.hidden_states, vb)
-    tol = forward_tolerances(all_floors, {})[0]   # the final windows: the largest spread of any stage
-    ok_all &= report.add("forward validation", rel(main, rv) <= tol, loss_rel=rel(main, rv), tol=tol,
-                         ref_loss=rv.mean().item(), our_loss=main.mean().item(), tokens=val_T,
-                         mean_loss_diff=abs(main.mean().item() - rv.mean().item()))
-    # the check fails on a deliberately changed model: XSA on layers 1, 3, 4 only
+    if validation:
+        vb = next(ValidationChunks(shard_paths(shards, "val"), ref.args.bigram_vocab_size)(val_T, val_T))
+        rv = eval_reference(ref, rm, rm, vb)
+        main = eval_ours(om, compiled or om.hidden_states, vb)
+        tol = forward_tolerances(all_floors, {})[0]   # the final windows: the largest spread of any stage
+        ok_all &= report.add("forward validation", rel(main, rv) <= tol, loss_rel=rel(main, rv), tol=tol,
+                             ref_loss=rv.mean().item(), our_loss=main.mean().item(), tokens=val_T,
+                             mean_loss_diff=abs(main.mean().item() - rv.mean().item()))
+    # the check fails on a deliberately changed model: XSA on layers 1, 3, 4 only. Run on the first
+    # configuration (stage 1 by default): at stage 3 the legitimate spreads are wider (the
+    # record's own compiled-vs-eager gradients differ by up to 0.10) and this one-layer change
+    # stays inside them (H200, reference-h200-r8)
     saved = our_model.XSA
     our_model.XSA = (1, 3, 4)
     try:
+        if not deliberate:
+            return ok_all, all_floors
         cfg = configs[0]
         seq = STEP_CONFIGS[cfg][4]
         loader = DocumentBatches(train, ref.args.bigram_vocab_size)
@@ -730,8 +742,52 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
                    worst_grad_rel=max(c["grads"].values()))
     finally:
         our_model.XSA = saved
-    del rm, om, twin
-    return ok_all
+        del rm, om, twin
+    return ok_all, all_floors
+
+
+def forward_here(ref, args, configs, report: Report, max_seq_len: int, T: int, val_T: int, cuda: bool) -> bool:
+    """The forward check in this process; as a worker (--forward-worker FLOORS.json) it reads the
+    spreads measured by earlier workers from that file and writes them back with its own."""
+    floors_file = Path(args.forward_worker) if args.forward_worker else None
+    prior = json.loads(floors_file.read_text()) if floors_file and floors_file.is_file() else []
+    parts = set(args.forward_parts.split(",")) if args.forward_worker else {"validation", "deliberate"}
+    ok, floors = check_forward(ref, Path(args.shards), report, args.seed, max_seq_len, T, val_T,
+                               compile_ours=cuda and not args.no_compile, fp8_on=not args.no_fp8,
+                               configs=configs, deliberate="deliberate" in parts,
+                               validation="validation" in parts, prior_floors=prior)
+    if floors_file:
+        from speedrun.atomic import write_json
+        write_json(floors_file, floors)
+    return ok
+
+
+def forward_worker_cmd(argv: list[str], cfg: str, first: bool, last: bool, floors: Path, out: Path) -> list[str]:
+    """This command line again for one configuration (argparse keeps an option's last value): the
+    deliberate difference with the first, validation with the last, no second fetch."""
+    parts = ",".join((["deliberate"] if first else []) + (["validation"] if last else [])) or "none"
+    return [sys.executable, "-m", "benchmarks.reference", *argv, "--fetch", "", "--checks", "forward",
+            "--forward-configs", cfg, "--forward-worker", str(floors), "--forward-parts", parts, "--out", str(out)]
+
+
+def forward_in_processes(argv: list[str], configs: tuple[str, ...], report: Report, root: Path) -> bool:
+    """The forward check, one process per configuration. On an H200 (torch 2.11) the record's
+    model, compiled for stage 1 and then recompiled in the same process for stage 3, hit an
+    illegal memory access in an Inductor kernel; compiled fresh for stage 3 in its own process it
+    ran and passed (reference-h200-r7, r8). Each worker's verdicts join this report."""
+    floors, ok = root / "forward-floors.json", True
+    floors.unlink(missing_ok=True)
+    for i, cfg in enumerate(configs):
+        out = root / f"forward-{cfg}.json"
+        rc = subprocess.run(forward_worker_cmd(argv, cfg, i == 0, i == len(configs) - 1, floors, out),
+                            cwd=PROJECT).returncode
+        checks = json.loads(out.read_text())["checks"] if out.is_file() else {}
+        if rc != 0 or not checks:
+            ok &= report.add(f"forward {cfg}", False, error=f"worker exited {rc}")
+        for name, res in checks.items():   # already printed by the worker
+            report.results[name] = res
+            ok &= bool(res["pass"])
+    return ok
 
 
 def forward_tolerances(floors, grad_keys) -> tuple[float, dict]:
@@ -1027,6 +1083,8 @@ def main() -> None:
     ap.add_argument("--no-fp8", action="store_true",
                     help="forward check in bf16 on both sides (DISABLE_FP8 for the reference): separates FP8 "
                          "rounding from the rest of the math on the GPU")
+    ap.add_argument("--forward-worker", default=None, help=argparse.SUPPRESS)   # FLOORS.json: one configuration
+    ap.add_argument("--forward-parts", default="validation,deliberate", help=argparse.SUPPRESS)
     ap.add_argument("--skip-deliberate-optimizer", action="store_true", help="skip the optimizer's failing demo")
     ap.add_argument("--curve-steps", type=int, default=200)
     ap.add_argument("--curve-every", type=int, default=25)
@@ -1097,11 +1155,10 @@ def main() -> None:
                  "schedule": lambda: (check_schedule(ref, report),
                                       check_schedule(ref, report, "schedule (deliberate: cooldown 0.55) must fail", 0.55)),
                  # rotary tables of the trainer's default size (262,144 rows): its compiled graph is reused
-                 "forward": lambda: check_forward(ref, Path(args.shards), report, args.seed,
-                                                  262144 if cuda else max(max_seq, T), T, max_seq,
-                                                  compile_ours=cuda and not args.no_compile,
-                                                  fp8_on=not args.no_fp8,
-                                                  configs=forward_configs),
+                 "forward": lambda: (forward_in_processes(sys.argv[1:], forward_configs, report, root)
+                                     if len(forward_configs) > 1 and not args.forward_worker else
+                                     forward_here(ref, args, forward_configs, report, 262144 if cuda else max(max_seq, T),
+                                                  T, max_seq, cuda)),
                  "optimizer": lambda: check_optimizer(ref, report, args.seed, 4096, compile_ours=not args.no_compile,
                                                       deliberate=not args.skip_deliberate_optimizer)}
         for name in checks:

@@ -208,6 +208,47 @@ def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, 
             fp8_wanted("on", cuda, "record.fp8")
 
 
+def test_forward_check_runs_each_configuration_in_its_own_process(monkeypatch, tmp_path):
+    """Stage 3 recompiled after stage 1 in one process crashed the record's compiled model; the
+    parent runs a worker per configuration (the deliberate difference with the first, validation
+    with the last, spreads handed on in one file), and a worker that dies fails the check."""
+    import json
+
+    from benchmarks import reference
+
+    calls = []
+
+    def fake_run(cmd, cwd=None):
+        args = dict(zip(cmd[3:], cmd[4:]))   # argparse keeps the last value: so does dict()
+        calls.append(args)
+        cfg, floors = args["--forward-configs"], Path(args["--forward-worker"])
+        if cfg == "stage2":   # this worker crashes before writing anything
+            return subprocess.CompletedProcess(cmd, 1)
+        seen = json.loads(floors.read_text()) if floors.is_file() else []
+        floors.write_text(json.dumps(seen + [cfg]))
+        checks = {f"forward {cfg}": {"pass": True, "spreads_seen": seen}}
+        if "deliberate" in args["--forward-parts"]:
+            checks["forward (deliberate) must fail"] = {"pass": cfg == "stage1"}
+        Path(args["--out"]).write_text(json.dumps({"checks": checks}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    import subprocess
+    monkeypatch.setattr(reference.subprocess, "run", fake_run)
+    argv = ["--checks", "forward,optimizer", "--fetch", "URL", "--out", "all.json", "--seed", "7"]
+    report = reference.Report()
+    assert reference.forward_in_processes(argv, ("stage1", "stage3"), report, tmp_path)
+    assert [(c["--forward-configs"], c["--forward-parts"], c["--checks"], c["--fetch"], c["--seed"])
+            for c in calls] == [("stage1", "deliberate", "forward", "", "7"), ("stage3", "validation", "forward", "", "7")]
+    assert report.results["forward stage3"]["spreads_seen"] == ["stage1"]   # validation sees every spread
+    assert set(report.results) == {"forward stage1", "forward stage3", "forward (deliberate) must fail"}
+    calls.clear()
+    report = reference.Report()
+    assert not reference.forward_in_processes(argv, ("stage1", "stage2", "stage3"), report, tmp_path)
+    assert [c["--forward-parts"] for c in calls] == ["deliberate", "none", "validation"]
+    assert report.results["forward stage2"] == {"pass": False, "error": "worker exited 1"}
+    assert report.results["forward stage3"]["spreads_seen"] == ["stage1"]   # a fresh file per run
+
+
 def test_reference_throughput_patches_apply_to_the_reference_when_present():
     """The reference is fetched at run time, never committed: CI has none and skips this."""
     from benchmarks.reference import CUBLAS_PATCHES, _patch, throughput_patches
