@@ -17,7 +17,8 @@
     python -m benchmarks.gpu_checks --only record_head [--baseline OLD_LOSS_PY]
 
 checks the record recipe's FP8 head alone (its loss kernel, its tiled transpose) and times it;
-`--only record_mlp` the record recipe's MLP backward, pointwise vs fused d(pre).
+`--only record_mlp` the record recipe's MLP backward, pointwise vs fused d(pre); `--only record_dc`
+its DC correction with fp32 vs bf16 GEMMs.
 """
 from __future__ import annotations
 
@@ -312,6 +313,48 @@ def check_record_mlp_backward(M: int = 16384, D: int = 768, H: int = 3072, devic
     return out
 
 
+def check_record_dc(T: int = 16384, H: int = 6, D: int = 128, device: str = "cuda", compile: bool = True) -> dict:
+    """The record recipe's DC correction (record/dc.py) at a training micro-batch, its products as
+    fp32 GEMMs (MATMUL="fp32", the default) vs bf16 tensor-core GEMMs with fp32 outputs ("bf16"):
+    forward bit agreement (expected: all), each gradient's relative difference (expected: the
+    score gradient's bf16 rounding in q and k, nothing elsewhere), compiled fwd+bwd time."""
+    from speedrun.record import dc
+    from speedrun.record.attention import doc_ids
+
+    g = torch.Generator(device=device).manual_seed(0)
+    cuts = torch.cat([torch.tensor([0]), torch.randint(1, T, (40,), generator=torch.Generator().manual_seed(0)).sort().values,
+                      torch.tensor([T])]).unique().to(torch.int32).to(device)
+    doc = doc_ids(cuts, T)
+    base = [torch.randn(1, T, H, D, device=device, generator=g).bfloat16() for _ in range(4)] + \
+           [torch.randn(1, T, H, device=device, generator=g).bfloat16() for _ in range(2)]
+    weight = torch.randn(1, T, H, D, device=device, generator=g)
+    scale = torch.tensor(D ** -0.5, device=device)
+    fn = torch.compile(dc.dc_correct, dynamic=False) if compile else dc.dc_correct
+    out, runs, kept = {"tokens": T}, {}, dc.MATMUL
+
+    def step(f, tensors):   # tensors: y, q, k, v, w1, w2
+        o = f(*tensors, doc, scale)
+        (o.float() * weight).sum().backward()
+        return o
+
+    try:
+        for mode in ("fp32", "bf16"):
+            dc.MATMUL = mode
+            torch._dynamo.reset()
+            ts = [t.clone().requires_grad_() for t in base]
+            o = step(fn, ts)
+            runs[mode] = (o, [t.grad for t in ts])
+            leaves = [t.clone().requires_grad_() for t in base]
+            out[f"{mode}_fwd_bwd_ms"] = round(_cuda_ms(lambda: step(fn, leaves)), 3)
+    finally:
+        dc.MATMUL = kept
+    names = ("y", "q", "k", "v", "w1", "w2")
+    out["forward_equal_fraction"] = (runs["bf16"][0] == runs["fp32"][0]).float().mean().item()
+    out["grad_rel_diff"] = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                            for n, a, b in zip(names, runs["bf16"][1], runs["fp32"][1])}
+    return out
+
+
 def _cuda_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -440,7 +483,8 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
 def main() -> None:
     import argparse
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["record_head", "record_mlp"], default=None, help="one check instead of all")
+    ap.add_argument("--only", choices=["record_head", "record_mlp", "record_dc"], default=None,
+                    help="one check instead of all")
     ap.add_argument("--baseline", default=None, help="record_head: another loss.py to time beside ours")
     args = ap.parse_args()
     if args.only == "record_head":
@@ -448,6 +492,9 @@ def main() -> None:
         return
     if args.only == "record_mlp":
         print(json.dumps(check_record_mlp_backward()))
+        return
+    if args.only == "record_dc":
+        print(json.dumps(check_record_dc()))
         return
     masks = check_masks()
     worst = worst_of(m["rel_err"] for m in masks)

@@ -1,8 +1,9 @@
 """Benchmark variants' overrides that set a module-level switch of the library rather than a
 params.yaml key: the embedding tables' kind, because the public one-4090 recipe (throughput's
-`recipe_4090` baseline) trains bf16 nn.Embedding tables, and the record recipe's MLP backward
-until the fused one is measured. Every other execution choice is either a params.yaml key or
-fixed once measured (benchmarks/results/README.md).
+`recipe_4090` baseline) trains bf16 nn.Embedding tables; the record recipe's MLP backward (the
+pointwise one, against the fused default); its DC products (bf16 GEMMs, until measured). Every
+other execution choice is either a params.yaml key or fixed once measured
+(benchmarks/results/README.md).
 
 Each variant runs in a process of its own, so a switch set here lasts for that variant only.
 """
@@ -13,7 +14,8 @@ import importlib
 # override key -> (module, attribute)
 SWITCHES = {
     "embed_grad": ("speedrun.embedding", "GRAD_MODE"),         # accumulate | dense (bf16 nn.Embedding)
-    "mlp_backward": ("speedrun.record.mlp", "BACKWARD"),       # pointwise | fused (record recipe)
+    "mlp_backward": ("speedrun.record.mlp", "BACKWARD"),       # fused | pointwise (record recipe)
+    "dc_matmul": ("speedrun.record.dc", "MATMUL"),             # fp32 | bf16 (record recipe's DC products)
 }
 
 

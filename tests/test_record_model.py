@@ -88,6 +88,37 @@ def test_dc_correction_equals_a_per_token_loop():
     assert torch.equal(out_odd, out[:, :200])
 
 
+def test_dc_bf16_products_keep_the_forward_and_round_only_the_backward(monkeypatch):
+    """MATMUL="bf16" (tensor-core GEMMs with fp32 outputs on CUDA; here the same products widened):
+    the forward equals the fp32 path bit for bit, and the backward differs only by rounding the
+    score gradient to bf16 before its GEMMs, as the record's backward kernel does."""
+    import speedrun.record.dc as dc
+    torch.manual_seed(2)
+    T, H, D = 256, 6, 16
+    doc = doc_ids(torch.tensor([0, 90, 256], dtype=torch.int32), T)
+    base = [torch.randn(1, T, H, D).bfloat16() for _ in range(4)] + [torch.randn(1, T, H).bfloat16() for _ in range(2)]
+    runs = {}
+    for mode in ("fp32", "bf16"):
+        monkeypatch.setattr(dc, "MATMUL", mode)
+        y, q, k, v, w1, w2 = (t.clone().requires_grad_() for t in base)
+        out = dc_correct(y, q, k, v, w1, w2, doc, torch.tensor(0.25))
+        out.float().mul(torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs[mode] = (out, [t.grad for t in (y, q, k, v, w1, w2)])
+    assert torch.equal(runs["bf16"][0], runs["fp32"][0])
+    diffs = [((a.float() - b.float()).norm() / b.float().norm()).item()
+             for a, b in zip(runs["bf16"][1], runs["fp32"][1])]
+    # the gradient reaching the v product is the bf16 output's: rounding it changes nothing, so
+    # y, v, w1 and w2 get the same gradients; q and k get the score gradient rounded to bf16
+    assert diffs[0] == diffs[3] == diffs[4] == diffs[5] == 0.0, diffs
+    assert 0 < diffs[1] < 2e-2 and 0 < diffs[2] < 2e-2, diffs
+    # the autograd function's own backward: the gradient rounded to bf16, then both products
+    a, b = torch.randn(3, 5, 7).bfloat16().requires_grad_(), torch.randn(3, 7, 4).bfloat16().requires_grad_()
+    g = torch.randn(3, 5, 4)
+    dc._Bf16Bmm.apply(a, b).backward(g)
+    assert torch.equal(a.grad, (g.bfloat16().float() @ b.float().mT).bfloat16())
+    assert torch.equal(b.grad, (a.float().mT @ g.bfloat16().float()).bfloat16())
+
+
 def test_training_loss_and_its_gradient():
     """Per-row loss = sum_k w_k CE(z, t[r+k]) + w_p CE(z, prefix), z = 23 sigmoid((u+5)/7.5)
     (sigmoid rounded to bf16); the gradient matches autograd of that loss on the rows whose

@@ -23,6 +23,42 @@ from torch import Tensor
 
 BLOCK = 128
 WINDOW = 112
+# The two products with v and k: "fp32" (GEMMs of the bf16 operands widened to fp32: CUDA cores)
+# or "bf16" (bf16 tensor-core GEMMs with fp32 outputs on CUDA, the record kernel's way). The
+# forward is the same math either way: a product of two bf16 numbers is exact in fp32, and both
+# accumulate in fp32. The bf16 backward rounds each incoming fp32 gradient to bf16 before its two
+# GEMMs, as the record's backward kernel does (ds.to(k.dtype)): a change for the score gradient
+# (q and k), none for the output's, which is bf16 already. A benchmark switch
+# (benchmarks/switches.py) until measured: the fp32 GEMMs took about 30 ms of an 884 ms stage-3
+# step on an H200 (profile r8), the record's DC kernels 24 ms in all
+MATMUL = "fp32"
+
+
+class _Bf16Bmm(torch.autograd.Function):
+    """a [B, M, K] @ b [B, K, N], both bf16, -> fp32 [B, M, N]; gradients in bf16."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return _bmm_fp32_out(a, b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        g = grad.to(a.dtype)
+        return _bmm_fp32_out(g, b.mT).to(a.dtype), _bmm_fp32_out(a.mT, g).to(b.dtype)
+
+
+def _bmm_fp32_out(a: Tensor, b: Tensor) -> Tensor:
+    if a.is_cuda:   # cuBLAS: bf16 operands, fp32 accumulation and output
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())   # elsewhere the same products, exact in fp32
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    """[nb, L, H, X] -> [nb * H, L, X]."""
+    nb, L, H, X = t.shape
+    return t.transpose(1, 2).reshape(nb * H, L, X)
 
 
 def dc_weights(x: Tensor, w1_logits: Tensor, w2_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,10 +86,14 @@ def dc_correct(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tenso
         out = dc_correct(z(y), z(q), z(k), z(v), z(w1), z(w2), F.pad(doc, (0, pad), value=-1), scale, window)
         return out[:, :T]
     nb = T // BLOCK
-    qb = q[0].reshape(nb, BLOCK, *q.shape[2:]).float()                  # [nb, 128, H, D]
-    kb = _blocks_with_previous(k[0]).float()                          # [nb, 256, H, D]
-    vb = _blocks_with_previous(v[0])                                  # [nb, 256, H, D] bf16
-    scores = torch.einsum("bqhd,bkhd->bhqk", qb, kb) * scale           # fp32 [nb, H, 128, 256]
+    qb = q[0].reshape(nb, BLOCK, *q.shape[2:])                        # [nb, 128, H, D]
+    kb = _blocks_with_previous(k[0])                                  # [nb, 256, H, D]
+    vb = _blocks_with_previous(v[0])                                  # [nb, 256, H, D]
+    if MATMUL == "bf16":
+        qk = _Bf16Bmm.apply(_heads_first(qb), _heads_first(kb).mT).view(nb, -1, BLOCK, 2 * BLOCK)
+    else:
+        qk = torch.einsum("bqhd,bkhd->bhqk", qb.float(), kb.float())
+    scores = qk * scale                                                # fp32 [nb, H, 128, 256]
     qpos = torch.arange(T, device=q.device).view(nb, BLOCK, 1)
     kpos = (torch.arange(nb, device=q.device) * BLOCK - BLOCK).view(nb, 1, 1) \
         + torch.arange(2 * BLOCK, device=q.device).view(1, 1, -1)     # [nb, 1, 256]
@@ -63,6 +103,10 @@ def dc_correct(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tenso
     probs = torch.softmax(scores.masked_fill(~valid[:, None], float("-inf")), dim=-1)
     a = torch.einsum("bhqk,bqh->bqk", probs, w1[0].float().reshape(nb, BLOCK, -1))   # [nb, 128, 256]
     mix = (w2[0].float().reshape(nb, BLOCK, -1, 1) * a[:, :, None, :]).to(v.dtype)   # [nb, 128, H, 256]
-    corr = torch.einsum("bqhk,bkhd->bqhd", mix.float(), vb.float())  # fp32 [nb, 128, H, D]
+    if MATMUL == "bf16":
+        corr = _Bf16Bmm.apply(_heads_first(mix), _heads_first(vb))     # fp32 [nb * H, 128, D]
+        corr = corr.view(nb, -1, BLOCK, corr.size(-1)).transpose(1, 2)
+    else:
+        corr = torch.einsum("bqhk,bkhd->bqhd", mix.float(), vb.float())  # fp32 [nb, 128, H, D]
     out = (y[0].float().reshape(nb, BLOCK, *y.shape[2:]) + corr).to(y.dtype)
     return out.view(1, T, *y.shape[2:])
