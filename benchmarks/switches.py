@@ -1,9 +1,9 @@
 """Benchmark variants' overrides that set a module-level switch of the library rather than a
 params.yaml key: the embedding tables' kind, because the public one-4090 recipe (throughput's
 `recipe_4090` baseline) trains bf16 nn.Embedding tables; the record recipe's MLP backward (the
-pointwise one, against the fused default); its DC products (bf16 GEMMs, until measured). Every
-other execution choice is either a params.yaml key or fixed once measured
-(benchmarks/results/README.md).
+pointwise one, against the fused default); its DC products (bf16 GEMMs) and its tables' gradients
+(from the looked-up rows), until measured. Every other execution choice is either a params.yaml
+key or fixed once measured (benchmarks/results/README.md).
 
 Each variant runs in a process of its own, so a switch set here lasts for that variant only.
 """
@@ -16,6 +16,7 @@ SWITCHES = {
     "embed_grad": ("speedrun.embedding", "GRAD_MODE"),         # accumulate | dense (bf16 nn.Embedding)
     "mlp_backward": ("speedrun.record.mlp", "BACKWARD"),       # fused | pointwise (record recipe)
     "dc_matmul": ("speedrun.record.dc", "MATMUL"),             # fp32 | bf16 (record recipe's DC products)
+    "table_grads": ("speedrun.record.row_grads", "MODE"),      # dense | rows (record recipe's embedding tables)
 }
 
 

@@ -164,3 +164,53 @@ def test_a_checkpoint_between_muon_only_and_adam_steps_keeps_adam_s_first_gradie
     b.step(1)
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+def test_table_gradients_from_rows_equal_the_dense_ones(monkeypatch, tmp_path):
+    """row_grads.MODE = "rows": the trainer looks the tables' rows up itself and adds their
+    gradients after backward. Every other gradient is the same bit for bit; the tables' are the
+    dense path's up to how duplicate rows are summed (fp32 here, bf16 in the CPU's dense backward)."""
+    from speedrun.record import row_grads
+    from speedrun.record.trainer import RecordParams, RecordRun
+    from speedrun.train import Paths, TrainParams
+
+    shards = _write_shards(tmp_path / "shards", seed=2, train_tokens=20_000)
+    grads = {}
+    for mode in ("dense", "rows"):
+        monkeypatch.setattr(row_grads, "MODE", mode)
+        p = TrainParams(**{**TRAIN, "target_val_loss": 0.0})
+        paths = Paths(shards, tmp_path / mode / "ckpt", tmp_path / mode / "final.pt", tmp_path / mode / "train.json", None)
+        run = RecordRun(p, RecordParams(**RECORD), paths, log=lambda *a, **k: None)
+        run._build()
+        run.opt.step = lambda *a, **k: None          # keep the step's gradients to compare
+        run.begin_steps(0)
+        run.step(0)
+        grads[mode] = {n: q.grad.clone() for n, q in run.model.named_parameters() if q.grad is not None}
+    tables = {"embed.weight", "bigram_embed.weight", "value_embeds"}
+    assert grads["rows"].keys() == grads["dense"].keys() and tables <= grads["rows"].keys()
+    for name, g in grads["dense"].items():
+        if name in tables:
+            r = grads["rows"][name].float()
+            assert r.norm() > 0 and ((r - g.float()).norm() / g.float().norm()).item() < 1e-2, name
+        else:
+            assert torch.equal(grads["rows"][name], g), name
+
+
+def test_add_row_grads_is_the_dense_backward_plus_autograd_s_bf16_add():
+    """Per id: the fp32 sum of its rows, rounded to bf16, then added to the bf16 gradient (two
+    roundings, as a dense bf16 gradient added by autograd); untouched rows unchanged."""
+    from speedrun.record.row_grads import add_row_grads
+
+    torch.manual_seed(3)
+    V, D, n = 50, 8, 400
+    ids = torch.randint(0, 20, (n,))                         # many repeats, rows 20.. untouched
+    g = torch.randint(-64, 64, (n, D)).float() / 16          # fp32 sums exact in any order
+    table = torch.nn.Parameter(torch.zeros(V, D, dtype=torch.bfloat16))
+    add_row_grads(table, ids, g.bfloat16())                   # .grad None: starts from zero
+    dense = torch.zeros(V, D).index_add_(0, ids, g.bfloat16().float()).bfloat16()
+    assert torch.equal(table.grad, dense)
+    table.grad = torch.randn(V, D).bfloat16()
+    before = table.grad.clone()
+    add_row_grads(table, ids, g.bfloat16())
+    assert torch.equal(table.grad, before + dense)            # bf16 + bf16: one rounding
+    assert torch.equal(table.grad[20:], before[20:])
