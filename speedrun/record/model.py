@@ -25,7 +25,8 @@ order of random draws are the record's, so `torch.manual_seed(s)` gives both the
 
 Attention is attention.py (FlexAttention with document and window masks), DC is dc.py, the MLP
 mlp.py (FP8 forward in training on a GPU), the rotary yarn.py. `hidden_states` is one function
-of tensors, so it compiles into one graph; the head's loss runs outside it (a Triton kernel).
+of tensors, so it compiles into one graph; the head's loss runs outside it (a Triton kernel), and
+so may the tables' lookups (row_grads.py).
 """
 from __future__ import annotations
 
