@@ -26,9 +26,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, both read as fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def worst_of(errors) -> float:
@@ -249,7 +256,7 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
         losses = L._run_kernel(u, t[:n], mtp, pre[:n], pw, grad, L.A / L.C, fast)
         out[f"kernel_fast{int(fast)}"] = {
             "loss_rel_err": ((losses - ref_l).abs().max() / ref_l.abs().max()).item(),
-            "grad_rel_err": ((grad.float() - ref_g).norm() / ref_g.norm()).item()}
+            "grad_rel_err": rel_diff(grad, ref_g)}
     big = torch.randn(N, V, device=device, generator=g).to(torch.float8_e5m2)
     out["transpose_same_bits"] = torch.equal(L.transposed(big).view(torch.uint8), big.t().contiguous().view(torch.uint8))
     out["transpose_ms"] = round(_cuda_ms(lambda: L.transposed(big), reps=10), 3)
@@ -263,22 +270,17 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
 
     gx, gw = step(L)
     out["fwd_bwd_ms"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
-    kept = L.transposed
-    L.transposed = lambda a: a.t().contiguous()
-    try:
+    with mock.patch.object(L, "transposed", lambda a: a.t().contiguous()):
         tx, tw = step(L)
         out["fwd_bwd_ms_torch_transpose"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
         out["grads_equal_with_torch_transpose"] = torch.equal(gx, tx) and torch.equal(gw, tw)
-    finally:
-        L.transposed = kept
     if baseline:
         spec = importlib.util.spec_from_file_location("baseline_loss", baseline)
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
         bx, bw = step(old)
         out["fwd_bwd_ms_baseline"] = round(_cuda_ms(lambda: step(old), reps=10), 3)
-        out["baseline_grad_rel_diff"] = {"x": ((bx.float() - gx.float()).norm() / gx.float().norm()).item(),
-                                         "w": ((bw - gw).norm() / gw.norm()).item()}
+        out["baseline_grad_rel_diff"] = {"x": rel_diff(bx, gx), "w": rel_diff(bw, gw)}
     return out
 
 
@@ -296,21 +298,17 @@ def check_record_mlp_backward(M: int = 16384, D: int = 768, H: int = 3072, devic
     w1 = (torch.randn(H, D, device=device, generator=g) / D ** 0.5).to(dtype)
     w2 = (torch.randn(H, D, device=device, generator=g) / H ** 0.5).to(dtype)
     post = torch.relu(x @ w1.t()).square()
-    out, res, dpre, kept = {"tokens": M}, {}, {}, RM.BACKWARD
-    try:
-        for mode in ("pointwise", "fused"):
-            RM.BACKWARD = mode
+    out, res, dpre = {"tokens": M}, {}, {}
+    for mode in ("pointwise", "fused"):
+        with mock.patch.object(RM, "BACKWARD", mode):
             res[mode] = RM._backward(grad, x, w1, w2, post)
             dpre[mode] = RM.d_pre(grad, w2, post)
             out[f"{mode}_ms"] = round(_cuda_ms(lambda: RM._backward(grad, x, w1, w2, post)), 3)
-    finally:
-        RM.BACKWARD = kept
     fused, point = dpre["fused"], dpre["pointwise"]
     out["dpre_equal_fraction"] = (fused == point).float().mean().item()
     out["dpre_max_rel_diff"] = ((fused.float() - point.float()).abs()
                                 / point.float().abs().clamp_min(1e-6)).max().item()
-    out["grad_rel_diff"] = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
-                            for n, a, b in zip(("x", "w1", "w2"), res["fused"], res["pointwise"])}
+    out["grad_rel_diff"] = {n: rel_diff(a, b) for n, a, b in zip(("x", "w1", "w2"), res["fused"], res["pointwise"])}
     return out
 
 
@@ -331,28 +329,24 @@ def check_record_dc(T: int = 16384, H: int = 6, D: int = 128, device: str = "cud
     weight = torch.randn(1, T, H, D, device=device, generator=g)
     scale = torch.tensor(D ** -0.5, device=device)
     fn = torch.compile(dc.dc_correct, dynamic=False) if compile else dc.dc_correct
-    out, runs, kept = {"tokens": T}, {}, dc.MATMUL
+    out, runs = {"tokens": T}, {}
 
     def step(f, tensors):   # tensors: y, q, k, v, w1, w2
         o = f(*tensors, doc, scale)
         (o.float() * weight).sum().backward()
         return o
 
-    try:
-        for mode in ("fp32", "bf16"):
-            dc.MATMUL = mode
+    for mode in ("fp32", "bf16"):
+        with mock.patch.object(dc, "MATMUL", mode):
             torch._dynamo.reset()
             ts = [t.clone().requires_grad_() for t in base]
             o = step(fn, ts)
             runs[mode] = (o, [t.grad for t in ts])
             leaves = [t.clone().requires_grad_() for t in base]
             out[f"{mode}_fwd_bwd_ms"] = round(_cuda_ms(lambda: step(fn, leaves)), 3)
-    finally:
-        dc.MATMUL = kept
     names = ("y", "q", "k", "v", "w1", "w2")
     out["forward_equal_fraction"] = (runs["bf16"][0] == runs["fp32"][0]).float().mean().item()
-    out["grad_rel_diff"] = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
-                            for n, a, b in zip(names, runs["bf16"][1], runs["fp32"][1])}
+    out["grad_rel_diff"] = {n: rel_diff(a, b) for n, a, b in zip(names, runs["bf16"][1], runs["fp32"][1])}
     return out
 
 
@@ -394,8 +388,7 @@ def check_record_row_grads(T: int = 16384, device: str = "cuda") -> dict:
         step(mode)
         grads[mode] = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
         out[f"{mode}_fwd_bwd_ms"] = round(_cuda_ms(lambda: step(mode), reps=10), 3)
-    out["grad_rel_diff"] = {n: ((grads["rows"][n].float() - a.float()).norm() / a.float().norm()).item()
-                            for n, a in grads["dense"].items()}
+    out["grad_rel_diff"] = {n: rel_diff(grads["rows"][n], a) for n, a in grads["dense"].items()}
     out["same_grads_present"] = grads["rows"].keys() == grads["dense"].keys()
     return out
 

@@ -750,7 +750,7 @@ def forward_here(ref, args, configs, report: Report, max_seq_len: int, T: int, v
     spreads measured by earlier workers from that file and writes them back with its own."""
     floors_file = Path(args.forward_worker) if args.forward_worker else None
     prior = json.loads(floors_file.read_text()) if floors_file and floors_file.is_file() else []
-    parts = set(args.forward_parts.split(",")) if args.forward_worker else {"validation", "deliberate"}
+    parts = set(args.forward_parts.split(","))   # a worker's; all of them otherwise
     ok, floors = check_forward(ref, Path(args.shards), report, args.seed, max_seq_len, T, val_T,
                                compile_ours=cuda and not args.no_compile, fp8_on=not args.no_fp8,
                                configs=configs, deliberate="deliberate" in parts,
