@@ -18,8 +18,7 @@
 
 checks the record recipe's FP8 head alone (its loss kernel, its tiled transpose) and times it;
 `--only record_mlp` the record recipe's MLP backward, pointwise vs fused d(pre); `--only record_dc`
-its DC correction with fp32 vs bf16 GEMMs; `--only record_row_grads` its tables' gradients, dense
-vs from the looked-up rows.
+its DC correction with fp32 vs bf16 GEMMs.
 """
 from __future__ import annotations
 
@@ -350,49 +349,6 @@ def check_record_dc(T: int = 16384, H: int = 6, D: int = 128, device: str = "cud
     return out
 
 
-def check_record_row_grads(T: int = 16384, device: str = "cuda") -> dict:
-    """The record model's embedding-table gradients (record/row_grads.py) on one compiled
-    micro-batch of T tokens, dense (the default) vs from the looked-up rows: each gradient's
-    relative difference (tables: fp32 summation order; the rest: the two graphs' fusion) and the
-    time of a forward + backward, the rows' additions included."""
-    from speedrun.record import row_grads
-    from speedrun.record.model import GRAD_SCALE, RecordConfig, build
-
-    dev = torch.device(device)
-    fp8 = dev.type == "cuda"
-    model = build(RecordConfig(), dev, fp8, seed=0)
-    model.refresh_fp8(bootstrap=True)
-    model.train()
-    model.set_rotary([384, 896, 1408, 1664])
-    model.set_windows(6 * 128, 20 * 128)
-    model.fill_prefix_table()
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randint(0, 50257, (T,), device=dev, generator=g, dtype=torch.int32)
-    y = torch.randint(0, 50257, (T,), device=dev, generator=g, dtype=torch.int32)
-    bg = torch.randint(0, model.cfg.bigram_vocab, (T,), device=dev, generator=g, dtype=torch.int32)
-    cu = torch.tensor([0, T // 3, T // 2, T], device=dev, dtype=torch.int32)
-    m = model.masks(cu, T)
-    mtp, prefix = torch.tensor([1.0, 0.5, 0.25], device=dev), torch.tensor([0.1], device=dev)
-    hidden = torch.compile(model.hidden_states, dynamic=False, fullgraph=True) if fp8 else model.hidden_states
-    out, grads = {"tokens": T}, {}
-
-    def step(mode: str) -> None:
-        rows = row_grads.lookup(model, x, bg) if mode == "rows" else None
-        h = hidden(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, fp8, rows=rows)
-        (model.train_losses(h, y, mtp, prefix, fp8).sum() * GRAD_SCALE).backward()
-        if rows is not None:
-            row_grads.add_rows_to_tables(model, x, bg, rows)
-
-    for mode in ("dense", "rows"):
-        model.zero_grad(set_to_none=True)
-        step(mode)
-        grads[mode] = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
-        out[f"{mode}_fwd_bwd_ms"] = round(_cuda_ms(lambda: step(mode), reps=10), 3)
-    out["grad_rel_diff"] = {n: rel_diff(grads["rows"][n], a) for n, a in grads["dense"].items()}
-    out["same_grads_present"] = grads["rows"].keys() == grads["dense"].keys()
-    return out
-
-
 def _cuda_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -533,9 +489,6 @@ def main() -> None:
         return
     if args.only == "record_dc":
         print(json.dumps(check_record_dc()))
-        return
-    if args.only == "record_row_grads":
-        print(json.dumps(check_record_row_grads()))
         return
     masks = check_masks()
     worst = worst_of(m["rel_err"] for m in masks)

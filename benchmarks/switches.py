@@ -16,7 +16,6 @@ SWITCHES = {
     "embed_grad": ("speedrun.embedding", "GRAD_MODE"),         # accumulate | dense (bf16 nn.Embedding)
     "mlp_backward": ("speedrun.record.mlp", "BACKWARD"),       # fused | pointwise (record recipe)
     "dc_matmul": ("speedrun.record.dc", "MATMUL"),             # fp32 | bf16 (record recipe's DC products)
-    "table_grads": ("speedrun.record.row_grads", "MODE"),      # dense | rows (record recipe's embedding tables)
 }
 
 

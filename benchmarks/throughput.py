@@ -44,10 +44,6 @@ VARIANTS = {
     # MATMUL): the profile puts its fp32 GEMMs at about 30 ms of an 884 ms stage-3 step on an H200;
     # tensor cores should do them in a few: predicted +3% tok/s
     "record_dc_bf16": {"recipe": "record", "dc_matmul": "bf16"},
-    # the embedding tables' gradients added from the looked-up rows (record/row_grads.py) instead of
-    # a dense [vocab, dim] gradient per micro-batch: about 5 GB of traffic less per micro-batch
-    # (24 a step in stage 3): predicted +4% tok/s on an H200
-    "record_row_grads": {"recipe": "record", "table_grads": "rows"},
     # the record's own code (.reference/, fetched by benchmarks.reference) on the same synthetic tokens
     "reference": {"recipe": "reference"},
     # the previous recipe (train.recipe: classic): overrides of params.yaml's train section

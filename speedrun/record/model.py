@@ -25,8 +25,7 @@ order of random draws are the record's, so `torch.manual_seed(s)` gives both the
 
 Attention is attention.py (FlexAttention with document and window masks), DC is dc.py, the MLP
 mlp.py (FP8 forward in training on a GPU), the rotary yarn.py. `hidden_states` is one function
-of tensors, so it compiles into one graph; the head's loss runs outside it (a Triton kernel), and
-so may the tables' lookups (row_grads.py).
+of tensors, so it compiles into one graph; the head's loss runs outside it (a Triton kernel).
 """
 from __future__ import annotations
 
@@ -259,8 +258,7 @@ class RecordGPT(nn.Module):
         return F.linear(y, lambdas[1] * qkvo[3 * D:].type_as(y))
 
     def hidden_states(self, inputs: Tensor, bigram_inputs: Tensor, mask_short, mask_long,
-                      mask_paired, doc: Tensor, fp8: bool, independent_starts: Tensor | None = None,
-                      rows: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                      mask_paired, doc: Tensor, fp8: bool, independent_starts: Tensor | None = None) -> Tensor:
         """inputs, bigram_inputs [T] int32 -> the final normed state [T, dim].
 
         The record lets neighbouring documents touch: a document's first position still takes
@@ -270,8 +268,7 @@ class RecordGPT(nn.Module):
         0: nothing comes from the position before, and rotary positions restart there (the bf16
         tables round differently at other rows). Sequences packed into one forward pass
         (scoring, continuation_loss.py) then compute what each computes alone; the caller also
-        gives each its own bigram ids (bigram.bigram_ids per sequence). `rows`: the three tables'
-        rows for these inputs, looked up by the caller (row_grads.py); None looks them up here."""
+        gives each its own bigram ids (bigram.bigram_ids per sequence)."""
         cfg, H, hd = self.cfg, NUM_HEADS, self.cfg.head_dim
         D, V, L = cfg.model_dim, cfg.vocab_size, NUM_LAYERS
         masks = {i: mask_paired if i in PAIRED else (mask_long if i in LONG else mask_short)
@@ -293,14 +290,13 @@ class RecordGPT(nn.Module):
             since_start = pos - torch.where(independent_starts, pos, 0).cummax(0).values
             rotary_tables = tuple(t[since_start] for t in (self.rot_cos, self.rot_sin,
                                                             self.rot_cos_paired, self.rot_sin_paired))
-        if rows is None:
-            rows = (self.embed(inputs), self.bigram_embed(bigram_inputs), self.value_embeds.view(5, V, -1)[:, inputs])
-        x, bigram_rows, ve = rows                                      # [T, D], [T, D], [5, T, D]
+        x = self.embed(inputs)
         sign_rows = sign_ids(inputs, cfg.bigram_sign_rows)
         if independent_starts is not None:
             sign_rows = sign_rows.masked_fill(independent_starts, 0)
         signs = self.bigram_sign_table[sign_rows]
-        x0_bigram = (bigram_rows * signs)[None]                          # [1, T, D]
+        x0_bigram = (self.bigram_embed(bigram_inputs) * signs)[None]    # [1, T, D]
+        ve = self.value_embeds.view(5, V, -1)[:, inputs]                 # [5, T, D]
         # smear: each token's embedding takes a gated share of the previous token's
         smear = smear_lambda * torch.sigmoid(self.smear_gate(x[1:, :SMEAR_DIMS]))
         if independent_starts is not None:

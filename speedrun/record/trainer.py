@@ -32,7 +32,6 @@ from ..params import param
 from ..runtime import fp8_wanted, init_distributed, training_device
 from ..shards import shard_paths
 from ..train_params import TrainParams, tiny_run_sizes
-from . import row_grads
 from . import schedule as sch
 from .loader import DocumentBatches, ValidationChunks
 from .model import GRAD_SCALE, RecordConfig, build, flops_per_token, param_count
@@ -272,13 +271,9 @@ class RecordRun(TrainingLoop):
         for mb in batches:
             x, y, bg, cu = self.staging.put(mb)
             m = model.masks(cu, x.numel())
-            rows = row_grads.lookup(model, x, bg) if row_grads.MODE == "rows" else None
-            h = self.hidden(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, self.fp8,
-                            rows=rows)
+            h = self.hidden(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, self.fp8)
             losses = model.train_losses(h, y, self._mtp, self._prefix, self.fp8)
             (losses.sum() * GRAD_SCALE).backward()
-            if rows is not None:
-                row_grads.add_rows_to_tables(model, x, bg, rows)
             total += losses.detach().mean() / len(batches)
         if self.world > 1:
             handles = [dist.all_reduce(q.grad, async_op=True) for q in model.parameters() if q.grad is not None]
