@@ -313,7 +313,7 @@ def check_record_mlp_backward(M: int = 16384, D: int = 768, H: int = 3072, devic
 
 def check_record_dc(T: int = 16384, H: int = 6, D: int = 128, device: str = "cuda", compile: bool = True) -> dict:
     """The record recipe's DC correction (record/dc.py) at a training micro-batch, its products as
-    fp32 GEMMs (MATMUL="fp32", the default) vs bf16 tensor-core GEMMs with fp32 outputs ("bf16"):
+    fp32 GEMMs (MATMUL="fp32") vs bf16 tensor-core GEMMs with fp32 outputs ("bf16", the default):
     forward bit agreement (expected: all), each gradient's relative difference (expected: the
     score gradient's bf16 rounding in q and k, nothing elsewhere), compiled fwd+bwd time."""
     from speedrun.record import dc
@@ -345,6 +345,18 @@ def check_record_dc(T: int = 16384, H: int = 6, D: int = 128, device: str = "cud
             out[f"{mode}_fwd_bwd_ms"] = round(_cuda_ms(lambda: step(fn, leaves)), 3)
     names = ("y", "q", "k", "v", "w1", "w2")
     out["forward_equal_fraction"] = (runs["bf16"][0] == runs["fp32"][0]).float().mean().item()
+    # where any disagreement comes from: each mode compiled vs eager, the modes eager, and one
+    # product's error against fp64 (products of bf16 numbers are exact: only the sums' order)
+    eager = {}
+    for mode in ("fp32", "bf16"):
+        with mock.patch.object(dc, "MATMUL", mode), torch.no_grad():
+            eager[mode] = dc.dc_correct(*base, doc, scale)
+        out[f"{mode}_compiled_vs_eager_equal_fraction"] = (runs[mode][0] == eager[mode]).float().mean().item()
+    out["eager_forward_equal_fraction"] = (eager["bf16"] == eager["fp32"]).float().mean().item()
+    a, b = base[1][0, :, 0].view(-1, 128, D), base[2][0, :, 0].view(-1, 128, D).mT
+    exact = torch.bmm(a.double(), b.double())
+    for mode, prod in (("bf16", lambda: dc._bmm_fp32_out(a, b)), ("fp32", lambda: torch.bmm(a.float(), b.float()))):
+        out[f"{mode}_product_max_rel_err_vs_fp64"] = ((prod().double() - exact).abs().max() / exact.abs().max()).item()
     out["grad_rel_diff"] = {n: rel_diff(a, b) for n, a, b in zip(names, runs["bf16"][1], runs["fp32"][1])}
     return out
 
@@ -477,7 +489,7 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
 def main() -> None:
     import argparse
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["record_head", "record_mlp", "record_dc", "record_row_grads"], default=None,
+    ap.add_argument("--only", choices=["record_head", "record_mlp", "record_dc"], default=None,
                     help="one check instead of all")
     ap.add_argument("--baseline", default=None, help="record_head: another loss.py to time beside ours")
     args = ap.parse_args()

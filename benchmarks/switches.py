@@ -1,9 +1,9 @@
 """Benchmark variants' overrides that set a module-level switch of the library rather than a
 params.yaml key: the embedding tables' kind, because the public one-4090 recipe (throughput's
 `recipe_4090` baseline) trains bf16 nn.Embedding tables; the record recipe's MLP backward (the
-pointwise one, against the fused default); its DC products (bf16 GEMMs) and its tables' gradients
-(from the looked-up rows), until measured. Every other execution choice is either a params.yaml
-key or fixed once measured (benchmarks/results/README.md).
+pointwise one, against the fused default); its DC products (the fp32 GEMMs, against the bf16
+default). Every other execution choice is either a params.yaml key or fixed once measured
+(benchmarks/results/README.md).
 
 Each variant runs in a process of its own, so a switch set here lasts for that variant only.
 """

@@ -40,10 +40,9 @@ VARIANTS = {
     # the MLP backward's d(pre) as a cuBLAS matmul + a pointwise kernel, the default's fused
     # epilogue undone (record/mlp.py BACKWARD): predicted -2%, measured -0.8% on an H200
     "record_pointwise_mlp_bwd": {"recipe": "record", "mlp_backward": "pointwise"},
-    # the DC correction's products as bf16 tensor-core GEMMs with fp32 outputs (record/dc.py
-    # MATMUL): the profile puts its fp32 GEMMs at about 30 ms of an 884 ms stage-3 step on an H200;
-    # tensor cores should do them in a few: predicted +3% tok/s
-    "record_dc_bf16": {"recipe": "record", "dc_matmul": "bf16"},
+    # the DC correction's products as fp32 GEMMs on CUDA cores (record/dc.py MATMUL), the default's
+    # bf16 tensor-core GEMMs undone: -2% on an H200
+    "record_dc_fp32": {"recipe": "record", "dc_matmul": "fp32"},
     # the record's own code (.reference/, fetched by benchmarks.reference) on the same synthetic tokens
     "reference": {"recipe": "reference"},
     # the previous recipe (train.recipe: classic): overrides of params.yaml's train section
