@@ -305,19 +305,29 @@ def emulate_capability(capability: tuple[int, int], memory_cap_gib: float) -> di
 
     real_fn = torch.cuda.get_device_capability
     real = real_fn()
-
-    def answer(device=None):
-        # the compile target stays this GPU's (kernels built for 8.9 do not load on it): Inductor
-        # reads it through Dynamo's device interface, Triton's launcher through its CUDA driver
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        target = caller == "torch._dynamo.device_interface" or caller.startswith("triton.")
-        return real_fn(device) if target else capability
-    torch.cuda.get_device_capability = answer
+    torch.cuda.get_device_capability = capability_answer(real_fn, capability)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
     record_triton_shared_memory()
     return {"emulated_capability": list(capability), "real_capability": list(real),
             "memory_cap_gib": memory_cap_gib, "paths": selected_paths(torch.device("cuda"))}
+
+
+def capability_answer(real_fn, capability: tuple[int, int]):
+    """A torch.cuda.get_device_capability that answers `capability` to everyone but the compile
+    target, which stays this GPU's (kernels built for 8.9 do not load on it): Inductor reads it
+    through Dynamo's device interface, Triton's launcher through its CUDA driver."""
+    import torch
+
+    def answer(device=None):
+        # code that Dynamo traces (the record MLP's backward asks inside its autograd.Function)
+        # gets the card's answer before anything Dynamo cannot trace (sys._getframe)
+        if torch.compiler.is_dynamo_compiling():
+            return capability
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        target = caller == "torch._dynamo.device_interface" or caller.startswith("triton.")
+        return real_fn(device) if target else capability
+    return answer
 
 
 def selected_paths(device) -> dict:

@@ -208,6 +208,26 @@ def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, 
             fp8_wanted("on", cuda, "record.fp8")
 
 
+def test_emulated_capability_answers_inside_compiled_code():
+    """The forced-8.9 mode's answer is traced by Dynamo where library code asks inside compiled
+    code (the record MLP's backward): it must answer 8.9 there without a graph break, and the real
+    capability to the compile target."""
+    import torch
+
+    from benchmarks.throughput import capability_answer
+
+    answer = capability_answer(lambda device=None: (9, 0), (8, 9))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def scaled(x):
+        major, minor = answer(x.device)
+        return x * (major * 10 + minor)
+
+    torch._dynamo.reset()
+    assert scaled(torch.ones(2)).tolist() == [89.0, 89.0]
+    assert answer() == (8, 9)                       # called from here: a caller that is not a target
+
+
 def test_forward_check_runs_each_configuration_in_its_own_process(monkeypatch, tmp_path):
     """Stage 3 recompiled after stage 1 in one process crashed the record's compiled model; the
     parent runs a worker per configuration (the deliberate difference with the first, validation
