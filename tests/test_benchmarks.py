@@ -306,6 +306,16 @@ def test_shared_memory_report_names_inductor_kernels_that_no_config_fits(monkeyp
     assert report["max_shared_memory_bytes"] == 120_000
 
 
+def test_forward_check_names_the_gradient_closest_to_its_own_tolerance():
+    """The forward check's worst gradient is the largest share of its tolerance, reported with that
+    gradient's own difference (a reference call once named one tensor with another's number)."""
+    from benchmarks.reference import closest_to_tolerance
+
+    grads, tol = {"mudd_w1": 0.065, "smear_gate": 0.013}, {"mudd_w1": 0.128, "smear_gate": 0.0255}
+    assert closest_to_tolerance(grads, tol) == "smear_gate"
+    assert closest_to_tolerance(grads, {**tol, "smear_gate": 0.05}) == "mudd_w1"
+
+
 def test_reference_patches_must_match_exactly():
     from benchmarks.reference import _patch
 
