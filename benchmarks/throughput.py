@@ -564,6 +564,18 @@ def _k(rate: float | None) -> str:
     return "—" if rate is None else f"{rate / 1e3:.0f}k"
 
 
+def require_vocabulary() -> None:
+    """The record recipe builds its prefix-token table from the GPT-2 vocabulary at its first timed
+    step, after minutes of compiling: check that the vocabulary loads before anything runs."""
+    from speedrun.tokenizer import get_encoding
+
+    try:
+        get_encoding()
+    except Exception as e:   # tiktoken downloads what its cache lacks: offline, any network error
+        raise SystemExit(f"the GPT-2 vocabulary does not load ({type(e).__name__}): point "
+                         "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's gpt2 files") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="default,recipe_4090")
@@ -582,6 +594,8 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:   # before anything runs: a typo must not cost the variants ahead of it
         raise SystemExit(f"unknown variant(s) {', '.join(map(repr, unknown))}; known: {', '.join(VARIANTS)}")
+    if any(VARIANTS[n].get("recipe") in ("record", "reference") for n in names):
+        require_vocabulary()
     rows = []
     for name in names:
         t = time.perf_counter()

@@ -4,8 +4,9 @@ a broken variant's speed out of the results."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -304,6 +305,22 @@ def test_shared_memory_report_names_inductor_kernels_that_no_config_fits(monkeyp
     assert report["triton_kernels_seen"] == 4
     assert report["kernels_over_sm89_shared_memory"] == {"triton_tem_fused_flex_0": 120_000}
     assert report["max_shared_memory_bytes"] == 120_000
+
+
+def test_record_variants_stop_at_once_without_the_vocabulary(monkeypatch):
+    """Offline without tiktoken's files the record recipe would fail at its first timed step,
+    after its compile: the benchmark says so in one line before running any variant."""
+    import benchmarks.throughput as tp
+    import speedrun.tokenizer as tok
+
+    def offline():
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tok, "get_encoding", offline)
+    monkeypatch.setattr(tp.subprocess, "run", lambda *a, **k: pytest.fail("a variant ran"))
+    monkeypatch.setattr(sys, "argv", ["throughput", "--variants", "classic,record"])
+    with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR"):
+        tp.main()
 
 
 def test_forward_check_names_the_gradient_closest_to_its_own_tolerance():
