@@ -323,6 +323,46 @@ def test_record_variants_stop_at_once_without_the_vocabulary(monkeypatch):
         tp.main()
 
 
+def test_each_deliberate_forward_difference_changes_our_gradients():
+    """The forward check's deliberate differences must be live changes of our model (a no-op would
+    make "must fail" fail, or worse, "resolution" meaningless), and the model is itself again after."""
+    from unittest import mock
+
+    import numpy as np
+
+    from benchmarks.reference import DELIBERATE, perturbed
+    from speedrun.record import model as our_model
+    from speedrun.record.loader import _pack
+    from speedrun.record.model import GRAD_SCALE, RecordConfig, build
+
+    cfg = RecordConfig(model_dim=48, head_dim=8, bigram_vocab=512, max_seq_len=1024)
+    model = build(cfg, torch.device("cpu"), fp8=False, seed=0)
+    model.load_state_dict(perturbed(model.state_dict(), 1))   # as the check: every branch live
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 50257, 257).astype(np.int64)
+    toks[[0, 90, 200]] = 50256
+    mb = _pack(toks, np.array([90, 200, 256]), 256, cfg.bigram_vocab)
+    x, y, bg, cu = (torch.from_numpy(a) for a in (mb.inputs, mb.targets, mb.bigram, mb.cu_seqlens))
+    model.set_windows(128, 256)
+
+    def grads():
+        m = model.masks(cu, x.numel())
+        h = model.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, False)
+        losses = model.train_losses(h, y, torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.0]), False)
+        (losses.sum() * GRAD_SCALE).backward()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    base = grads()
+    for label, attr, change in DELIBERATE:
+        with mock.patch.object(our_model, attr, change(getattr(our_model, attr))):
+            changed = grads()
+        assert any(not torch.equal(changed[n], g) for n, g in base.items()), label
+    after = grads()
+    assert all(torch.equal(after[n], g) for n, g in base.items())
+
+
 def test_forward_check_names_the_gradient_closest_to_its_own_tolerance():
     """The forward check's worst gradient is the largest share of its tolerance, reported with that
     gradient's own difference (a reference call once named one tensor with another's number)."""
