@@ -696,11 +696,9 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
         tight = compare(*runs["eager"], rl, rg) if "eager" in runs else {"grads": None, "losses": None}
         all_floors += [floor, ref_floor]
         tol_loss, tol = tols[cfg] = forward_tolerances((floor, ref_floor), c["grads"])
-        bad = [k for k, v in c["grads"].items() if not v <= tol[k]]
+        bad, worst = grads_over(c["grads"], tol), worst_grad(c["grads"], tol)
         ok = c["losses"] <= tol_loss and not bad
-        worst = closest_to_tolerance(c["grads"], tol)
-        ok_all &= report.add(f"forward {cfg}", ok, loss_rel=c["losses"], loss_tol=tol_loss,
-                             worst_grad=worst, worst_grad_rel=c["grads"][worst], worst_grad_tol=tol[worst],
+        ok_all &= report.add(f"forward {cfg}", ok, loss_rel=c["losses"], loss_tol=tol_loss, **worst,
                              failing=bad[:4],
                              ref_loss=rl.mean().item(), our_loss=main[0].mean().item(),
                              grads_rel=c["grads"], grad_tol=tol,
@@ -736,11 +734,9 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
         with mock.patch.object(our_model, attr, value(getattr(our_model, attr))):
             om._mlp_down_act_scales.copy_(scales)
             c = compare(*run_our_step(om, om.hidden_states, batch, cfg, fp8, head_fp8), rl, rg)
-        over = [k for k, v in c["grads"].items() if not v <= tol[k]]
-        worst = closest_to_tolerance(c["grads"], tol)
+        over = grads_over(c["grads"], tol)
         seen[label] = dict(caught=bool(over) or c["losses"] > tol_loss, loss_rel=c["losses"], over_tolerance=over[:6],
-                           worst_grad=worst, worst_grad_rel=c["grads"][worst], worst_grad_tol=tol[worst],
-                           grads_rel=c["grads"])
+                           **worst_grad(c["grads"], tol), grads_rel=c["grads"])
     (label, *_), (edge, *_) = DELIBERATE
     report.add(f"forward (deliberate: {label}) must fail", seen[label]["caught"], loss_tol=tol_loss,
                **{k: v for k, v in seen[label].items() if k != "caught"},
@@ -816,6 +812,17 @@ DELIBERATE = (
 def closest_to_tolerance(grads: dict, tol: dict) -> str:
     """The gradient whose relative difference is the largest share of its tolerance."""
     return max(grads, key=lambda k: grads[k] / tol[k])
+
+
+def worst_grad(grads: dict, tol: dict) -> dict:
+    """That gradient as a report names it: its own difference and tolerance beside its name."""
+    k = closest_to_tolerance(grads, tol)
+    return {"worst_grad": k, "worst_grad_rel": grads[k], "worst_grad_tol": tol[k]}
+
+
+def grads_over(grads: dict, tol: dict) -> list[str]:
+    """The gradients outside their tolerance (NaN counts as outside)."""
+    return [k for k, v in grads.items() if not v <= tol[k]]
 
 
 def check_optimizer(ref, report: Report, seed: int, max_seq_len: int, compile_ours: bool,

@@ -549,7 +549,7 @@ def table(rows: list[dict], baseline: str = BASELINE) -> str:
             f"| {_k(r.get('tokens_per_s_schedule_median_steps'))} "
             f"| {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_warmup_s']:.0f} "
             f"| {r['recompiles_after_warmup']} |"
-            + (f" {r['tokens_per_s_schedule_mean'] / base['tokens_per_s_schedule_mean']:.2f} "
+            + (f" {_ratio(r, base, 'tokens_per_s_schedule_mean')} "
                f"| {_ratio(r, base, 'tokens_per_s_schedule_median_steps')} |" if base else ""))
     return "\n".join(lines)
 
