@@ -34,6 +34,9 @@ VARIANTS = {
     # the default recipe (record #89's math, speedrun/record/): overrides of params.yaml's record section
     "record": {"recipe": "record"},
     "record_eighths": {"recipe": "record", "micro_batch_tokens": 0},   # the record's own micro-batches (memory!)
+    # half as many micro-batches in stages 2 and 3 (8 and 12): half the per-micro-batch fixed work
+    # (table-gradient adds, weight casts, launches) for more activation memory
+    "record_micro32k": {"recipe": "record", "micro_batch_tokens": 32768},
     "record_bf16": {"recipe": "record", "fp8": "off"},
     # the default on the code paths a compute-capability-8.9 card (RTX 4090) takes, under its 24 GB
     "record_sm89": {"recipe": "record", "emulate": "sm89"},
@@ -332,11 +335,17 @@ def capability_answer(real_fn, capability: tuple[int, int]):
 
 def selected_paths(device) -> dict:
     """Which implementation each capability-dependent part of the trainer picks on `device`."""
+    import torch
+
     from speedrun.mlp import tma_capable
+    from speedrun.record.attention import flex_kernel_options
     from speedrun.train import fp8_wanted
 
+    cuda = device.type == "cuda"
     return {"fp8_matmuls": fp8_wanted("auto", device, "fp8"),   # record: MLP + head; classic: head + MLP
-            "tma_mlp_kernels": tma_capable(device)}             # classic recipe's fused MLP kernels
+            "tma_mlp_kernels": tma_capable(device),             # classic recipe's fused MLP kernels
+            # record recipe: FlexAttention's tiles (None: Inductor's choice for the card)
+            "flex_kernel_options": flex_kernel_options(torch.cuda.get_device_capability(device) if cuda else None)}
 
 
 def record_shards(root: Path, batches: list[int], steps: int, settle: int) -> Path:

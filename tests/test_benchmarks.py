@@ -183,14 +183,14 @@ def test_turns_train_one_at_a_time_in_order_after_every_warm_up(tmp_path):
 
 # ----------------------------------------------------------------------------- benchmarks/reference.py
 
-@pytest.mark.parametrize("capability, fp8, tma", [
-    ((8, 0), False, False),    # A100: bf16 matmuls, compiled MLP
-    ((8, 6), False, False),    # RTX 3090
-    ((8, 9), True, False),     # RTX 4090 / L4: FP8 matmuls, no TMA kernels
-    ((9, 0), True, True),      # H100 / H200
-    ((10, 0), True, True),     # B200
+@pytest.mark.parametrize("capability, fp8, tma, small_tiles", [
+    ((8, 0), False, False, False),    # A100: bf16 matmuls, compiled MLP
+    ((8, 6), False, False, True),     # RTX 3090: 99 KiB of shared memory per block
+    ((8, 9), True, False, True),      # RTX 4090 / L4: FP8 matmuls, no TMA kernels, 99 KiB
+    ((9, 0), True, True, False),      # H100 / H200
+    ((10, 0), True, True, False),     # B200
 ])
-def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, tma):
+def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, tma, small_tiles):
     """What the forced-8.9 throughput mode (record_sm89) relies on: every capability check answers
     from torch.cuda.get_device_capability, so faking it picks that card's paths."""
     import torch
@@ -202,8 +202,11 @@ def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test card")
     cuda = torch.device("cuda", 0)
-    assert selected_paths(cuda) == {"fp8_matmuls": fp8, "tma_mlp_kernels": tma}
-    assert selected_paths(torch.device("cpu")) == {"fp8_matmuls": False, "tma_mlp_kernels": False}
+    paths = selected_paths(cuda)
+    assert {k: paths[k] for k in ("fp8_matmuls", "tma_mlp_kernels")} == {"fp8_matmuls": fp8, "tma_mlp_kernels": tma}
+    assert (paths["flex_kernel_options"] is not None) == small_tiles
+    assert selected_paths(torch.device("cpu")) == {"fp8_matmuls": False, "tma_mlp_kernels": False,
+                                                   "flex_kernel_options": None}
     if not fp8:   # asking for FP8 where the tensor cores have none is one clear error
         with pytest.raises(SpeedrunError, match="compute capability >= 8.9"):
             fp8_wanted("on", cuda, "record.fp8")

@@ -65,6 +65,27 @@ def test_block_mask_equals_the_dense_rule():
         assert torch.all(dense_window_mask(doc, w)[full.repeat_interleave(128, 0).repeat_interleave(128, 1)])
 
 
+def test_flex_tiles_fit_a_99_kib_card_where_inductors_own_do_not(monkeypatch):
+    """On compute capability 8.9 (RTX 4090) Inductor gives FlexAttention's forward the A100's tile,
+    whose shared memory is over what an 8.9 block may use; the options passed there fit, and the
+    tile stays 128 x 64 (the block mask's 128-token blocks must divide by it). Where a card has
+    room, Inductor keeps its own choice. Reads Inductor's heuristics of the installed torch, so a
+    torch whose 8.9 tile changes shows here."""
+    from torch._inductor.template_heuristics.triton import CUDAConfigHeuristic
+
+    from speedrun.record.attention import SMALL_SHARED_MEMORY, flex_forward_shared_bytes, flex_kernel_options
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    inductor = CUDAConfigHeuristic().get_flex_attn_fwd_configs(128, torch.bfloat16)[-1]
+    limit = SMALL_SHARED_MEMORY[(8, 9)]
+    assert flex_forward_shared_bytes(inductor.block_m, inductor.block_n, inductor.num_stages) > limit
+    ours = flex_kernel_options((8, 9))
+    assert flex_forward_shared_bytes(ours["fwd_BLOCK_M"], ours["fwd_BLOCK_N"], ours["fwd_num_stages"]) <= limit
+    assert 128 % ours["fwd_BLOCK_M"] == 0 and 128 % ours["fwd_BLOCK_N"] == 0
+    assert flex_kernel_options((9, 0)) is None and flex_kernel_options((8, 0)) is None
+    assert flex_kernel_options(None) is None
+
+
 def test_dc_correction_equals_a_per_token_loop():
     torch.manual_seed(0)
     T, H, D = 256, 6, 8

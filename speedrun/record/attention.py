@@ -34,6 +34,29 @@ def _compiled_flex():
     return _flex
 
 
+# Shared memory a thread block may use on compute capability 8.6 / 8.9 (RTX 30x0 / 40x0): 99 KiB,
+# against 163 KiB on the A100 (8.0) and 227 KiB on Hopper
+SMALL_SHARED_MEMORY = {(8, 6): 101376, (8, 9): 101376}
+
+
+def flex_kernel_options(capability: tuple[int, int] | None) -> dict | None:
+    """FlexAttention tiles for a GPU of `capability`: None (Inductor's own choice) except where a
+    block may use only 99 KiB of shared memory. There Inductor takes the A100's forward tile for
+    head_dim 128 (128 x 64 keys in 3 stages: 129 KiB) and the kernel cannot launch (an RTX 4090's
+    "out of resources: shared memory"); the same tile in 2 stages needs 97 KiB. The backward's
+    8.x tiles fit as they are."""
+    if capability not in SMALL_SHARED_MEMORY:
+        return None
+    return {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8}
+
+
+def flex_forward_shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int = 128) -> int:
+    """Shared memory of FlexAttention's bf16 forward tile: the query tile, `stages` key and value
+    tiles, and 1 KiB of reduction scratch (what the H200's compiled kernels report: 132,096 bytes
+    for 128 x 64 in 3 stages)."""
+    return 2 * head_dim * (block_m + 2 * stages * block_n) + 1024
+
+
 def doc_ids(cu_seqlens: Tensor, T: int) -> Tensor:
     """Document index of each of the T positions, from cu_seqlens (0, ends..., T, T, ...)."""
     pos = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
@@ -104,8 +127,10 @@ class Masks:
         return self.masks[key]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor, scale: Tensor) -> Tensor:
-    """q, k, v [1, L, H, D] -> [1, L, H, D]."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor, scale: Tensor,
+           options: dict | None = None) -> Tensor:
+    """q, k, v [1, L, H, D] -> [1, L, H, D]; `options` FlexAttention's kernel options
+    (flex_kernel_options)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if isinstance(mask, BlockMask):
         def scaled(score, b, h, q_idx, kv_idx):
@@ -113,7 +138,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor, scale: Ten
 
         # inside a compiled region dynamo takes flex_attention itself; eager callers need it compiled
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
-        y = flex(q, k, v, score_mod=scaled, block_mask=mask, scale=1.0)
+        y = flex(q, k, v, score_mod=scaled, block_mask=mask, scale=1.0, kernel_options=options)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=float(scale))
     return y.transpose(1, 2)
