@@ -230,12 +230,19 @@ def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0) 
     return out
 
 
+# the loss kernel's shapes timed by check_record_head: (logits per iteration, warps, programs per SM);
+# 10**6 programs per SM = one program per row (no row loop: as many rows in flight as fit)
+LOSS_SHAPES = [(4096, 8, 2), (8192, 8, 2), (4096, 8, 4), (2048, 8, 4), (4096, 16, 1), (2048, 8, 10**6)]
+
+
 def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: str | None = None,
                       device: str = "cuda") -> dict:
     """The record recipe's FP8 head (speedrun/record/loss.py) at a stage-3 micro-batch: the loss
     kernel against its PyTorch reference, the tiled transpose bit for bit against PyTorch's copy,
-    and fwd+bwd time with PyTorch's transposes in its place. `baseline`: another loss.py (an
-    earlier version, say) timed in the same process."""
+    the loss kernel's time for each of LOSS_SHAPES, fwd+bwd time and peak memory for several
+    HEAD_CHUNK_ROWS, and fwd+bwd with PyTorch's transposes in its place. `baseline`: another
+    loss.py (an earlier version, say) timed in the same process, with its peak memory and the
+    difference of its gradients from ours."""
     import importlib.util
 
     from speedrun.record import loss as L
@@ -262,13 +269,40 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
     out["torch_transpose_ms"] = round(_cuda_ms(lambda: big.t().contiguous(), reps=10), 3)
     del big
 
+    u_big = (x @ w)
+    g_big = torch.empty(N, V, device=device, dtype=torch.float8_e5m2)
+    shape = (L.LOSS_BLOCK, L.LOSS_WARPS, L.LOSS_PROGRAMS_PER_SM)
+    out["loss_kernel_ms"] = {}
+    for blk, warps, per_sm in LOSS_SHAPES:
+        L.LOSS_BLOCK, L.LOSS_WARPS, L.LOSS_PROGRAMS_PER_SM = blk, warps, per_sm
+        out["loss_kernel_ms"][f"{blk}x{warps}w,{per_sm}/SM"] = round(_cuda_ms(
+            lambda: L._run_kernel(u_big, t, mtp, pre, pw, g_big, L.A / L.C, True), reps=10), 3)
+    L.LOSS_BLOCK, L.LOSS_WARPS, L.LOSS_PROGRAMS_PER_SM = shape
+    del u_big, g_big
+
     def step(mod):
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         mod.train_losses(xr, wr, t, mtp, pre, pw, 1 / 8, fp8=True).sum().backward()
         return xr.grad, wr.grad
 
+    def peak_gib(mod) -> float:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(mod)
+        torch.cuda.synchronize()
+        return round((torch.cuda.max_memory_allocated() - before) / 2**30, 3)
+
+    chunk = L.HEAD_CHUNK_ROWS
+    out["by_chunk_rows"] = {}
+    for rows in (4096, 8192, 16384, N):
+        L.HEAD_CHUNK_ROWS = rows
+        out["by_chunk_rows"][rows] = {"fwd_bwd_ms": round(_cuda_ms(lambda: step(L), reps=10), 3),
+                                      "peak_gib": peak_gib(L)}
+    L.HEAD_CHUNK_ROWS = chunk
     gx, gw = step(L)
     out["fwd_bwd_ms"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
+    out["peak_gib"] = peak_gib(L)
     with mock.patch.object(L, "transposed", lambda a: a.t().contiguous()):
         tx, tw = step(L)
         out["fwd_bwd_ms_torch_transpose"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
@@ -279,6 +313,7 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
         spec.loader.exec_module(old)
         bx, bw = step(old)
         out["fwd_bwd_ms_baseline"] = round(_cuda_ms(lambda: step(old), reps=10), 3)
+        out["peak_gib_baseline"] = peak_gib(old)
         out["baseline_grad_rel_diff"] = {"x": rel_diff(bx, gx), "w": rel_diff(bw, gw)}
     return out
 

@@ -332,6 +332,26 @@ losses = L._run_kernel(u, t, mtp, pre, pw, grad, 2.0 * (L.A / L.C), fast=False)
 ref, g = L.loss_and_logit_grad(u, t, mtp, pre, pw, grad_mul=2.0)
 out["loss_err"] = ((losses - ref).abs().max() / ref.abs().max()).item()
 out["grad_err"] = ((grad.float() - g).norm() / g.norm()).item()
+# the target columns, written after the softmax part: each one's gradient, duplicates included
+t[5] = t[6] = t[7] = pre[5]
+grad = torch.empty(N, V, dtype=torch.float32)
+L._run_kernel(u, t, mtp, pre, pw, grad, 2.0 * (L.A / L.C), fast=False)
+_, g = L.loss_and_logit_grad(u, t, mtp, pre, pw, grad_mul=2.0)
+cols = torch.cat([t.clamp(0, V - 1), pre.clamp(0, V - 1)])
+rows = torch.arange(N).repeat(2)
+out["target_cols_err"] = ((grad[rows, cols] - g[rows, cols]).abs().max() / g[rows, cols].abs().max()).item()
+# the head in chunks of rows (HEAD_CHUNK_ROWS): the MTP targets of a chunk's last rows lie in the
+# next; losses and both gradients as in one chunk
+x, w = torch.randn(N, 16).bfloat16(), (torch.randn(16, V) * 0.3).bfloat16()
+res = {}
+for chunk in (N, 7):
+    L.HEAD_CHUNK_ROWS = chunk
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    losses = L.train_losses(xr, wr, t, mtp, pre, pw, 0.125, fp8=False, fast=False)
+    losses.sum().backward()
+    res[chunk] = (losses, xr.grad.float(), wr.grad.float())
+out["chunked_loss_equal"] = torch.equal(res[N][0], res[7][0])
+out["chunked_grad_errs"] = [((a - b).norm() / b.norm()).item() for a, b in zip(res[7][1:], res[N][1:])]
 # the MLP backward with d(pre) in the matmul's epilogue (record/mlp.py BACKWARD = "fused") against
 # the pointwise one; W2 is stored [hidden, dim], so the kernel reads it as stored (its transpose).
 # fp32: the interpreter's TMA loads of bf16 return garbage (numpy has no bf16); the GPU checks
@@ -374,4 +394,6 @@ def test_head_kernels_in_the_triton_interpreter():
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["transpose_same_bits"] == [True, True, True], res
     assert res["loss_err"] < 1e-5 and res["grad_err"] < 1e-2, res   # the gradient is stored in bf16
+    assert res["target_cols_err"] < 1e-5, res
+    assert res["chunked_loss_equal"] and max(res["chunked_grad_errs"]) < 1e-2, res
     assert res["mlp_fused_kernel"] and max(res["mlp_bwd_errs"]) < 1e-5, res

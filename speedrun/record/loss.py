@@ -17,7 +17,8 @@ whose later targets fall off the micro-batch), as the record's kernel does.
 FP8 (training on a GPU, the record's static scales): x / (100/448) and W / (1.6/448) in e4m3,
 one fp8 matmul to bf16 logits; the logit gradient is written by the loss kernel in e5m2 with the
 scale grad_scale * 0.75/448, and both backward matmuls are fp8 too (the weight gradient in
-fp32). The gradient is computed in the forward pass, so the objective must be
+fp32). The gradient is computed in the forward pass, and both backward matmuls with it, a chunk of
+rows at a time (the logits never exist whole), so the objective must be
 `losses.sum() * grad_scale` with the `grad_scale` given here (the record's 1/8 per micro-batch).
 
 Validation: bf16 logits, the same rescale, plain next-token cross-entropy, rows in chunks so a
@@ -116,63 +117,89 @@ if triton is not None:
         return b.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _rescale(u, inv_c, b_div_c, FAST: tl.constexpr):
+    def _rescale(u, inv_c, b_div_c, FAST: tl.constexpr, EXACT_ROUND: tl.constexpr):
         s = _sigmoid(u * inv_c + b_div_c, FAST)
-        return s, _round_bf16(s)
+        if EXACT_ROUND:   # Triton's interpreter: its bf16 casts do not round to nearest
+            return s, _round_bf16(s)
+        else:             # one cvt.rn.bf16.f32 on a GPU, the same value
+            return s, s.to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
+    def _target_terms(logits_row, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, row, N, V: tl.constexpr,
+                      inv_c, b_div_c, FAST: tl.constexpr, EXACT_ROUND: tl.constexpr, J: tl.constexpr,
+                      N_PRED: tl.constexpr):
+        """Prediction J of a row (J < N_PRED: the token J ahead; J == N_PRED: the prefix target):
+        (its column, whether it counts, its weight, its rescaled bf16 sigmoid)."""
+        if J < N_PRED:
+            tgt = tl.load(targets_ptr + row + J, mask=row + J < N, other=-1)
+            w = tl.load(mtp_ptr + J)
+        else:
+            tgt = tl.load(prefix_ptr + row)
+            w = tl.load(prefix_w_ptr)
+        ok = (tgt >= 0) & (tgt < V)
+        tgt = tl.where(ok, tgt, 0)
+        _, sb = _rescale(tl.load(logits_row + tgt).to(tl.float32), inv_c, b_div_c, FAST, EXACT_ROUND)
+        return tgt, ok, w, sb
 
     @triton.jit
     def _loss_kernel(logits_ptr, grad_ptr, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, loss_ptr,
-                     N, V: tl.constexpr, inv_c, b_div_c, a, coef, N_PRED: tl.constexpr, WITH_GRAD: tl.constexpr,
-                     FAST: tl.constexpr, BLOCK: tl.constexpr):
-        """One row per program, two passes over its logits: the sum of exp and the loss terms,
-        then the logit gradient (scaled by `coef`, stored in grad_ptr's dtype: e5m2 or bf16).
+                     rows, N, V: tl.constexpr, inv_c, b_div_c, a, coef, N_PRED: tl.constexpr,
+                     WITH_GRAD: tl.constexpr, FAST: tl.constexpr, EXACT_ROUND: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """Rows `rows` of logits, a few programs per SM each taking every num_programs-th row; per
+        row two passes over its logits: the sum of exp and the loss terms, then the logit
+        gradient (scaled by `coef`, stored in grad_ptr's dtype: e5m2 or bf16). `targets` has N
+        entries from this block's first row on (the MTP targets of its last rows lie past it).
 
         Every rescaled logit lies in (0, a), so exp(z - a) is in (e^-a, 1]: a fixed shift by the
         bound `a` replaces the row maximum and its pass (the record's kernel shifts by the row
-        maximum; the log-sum-exp is the same up to fp32 rounding)."""
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * V
-        acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < V
-            s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c, FAST)
-            acc += tl.where(ok, tl.exp(a * sb - a), 0.0)
-        lse = a + tl.log(tl.sum(acc, axis=0))
-        loss = 0.0
-        s_w = 0.0
-        for k in tl.static_range(N_PRED):
-            w = tl.load(mtp_ptr + k)
-            s_w += w
-            ok_k = row + k < N
-            tgt = tl.load(targets_ptr + row + k, mask=ok_k, other=-1)
-            ok_k = ok_k & (tgt >= 0) & (tgt < V)
-            ut = tl.load(base + tl.where(ok_k, tgt, 0)).to(tl.float32)
-            st, sbt = _rescale(ut, inv_c, b_div_c, FAST)
-            loss += tl.where(ok_k, w * (lse - a * sbt), 0.0)
-        pt = tl.load(prefix_ptr + row)
-        pok = (pt >= 0) & (pt < V)
-        pw = tl.load(prefix_w_ptr)
-        up = tl.load(base + tl.where(pok, pt, 0)).to(tl.float32)
-        sp, sbp = _rescale(up, inv_c, b_div_c, FAST)
-        loss += tl.where(pok, pw * (lse - a * sbp), 0.0)
-        s_w += tl.where(pok, pw, 0.0)
-        tl.store(loss_ptr + row, loss)
-        if WITH_GRAD:
-            gbase = grad_ptr + row * V
+        maximum; the log-sum-exp is the same up to fp32 rounding). Few rows in flight keep each
+        row in L2 for the second pass (at one row per program, 100 KB rows from all the programs
+        an SM holds overflowed it and the second pass read DRAM again). The second pass writes
+        the softmax part only; the target columns (at most N_PRED + 1) are written after it, as
+        the record's kernel does, instead of a comparison per logit."""
+        for r in range(tl.program_id(0), rows, tl.num_programs(0)):
+            row = tl.cast(r, tl.int64)
+            base = logits_ptr + row * V
+            acc = tl.zeros([BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 ok = cols < V
-                s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c, FAST)
-                p = tl.exp(a * sb - lse)
-                hit = tl.where(pok & (cols == pt), pw, 0.0)
-                for k in tl.static_range(N_PRED):
-                    ok_k = row + k < N
-                    tgt = tl.load(targets_ptr + row + k, mask=ok_k, other=-1)
-                    hit += tl.where(ok_k & (cols == tgt), tl.load(mtp_ptr + k), 0.0)
-                g = coef * (s_w * p - hit) * sb * (1.0 - sb)
-                tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
-
+                s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c,
+                                 FAST, EXACT_ROUND)
+                acc += tl.where(ok, tl.exp(a * sb - a), 0.0)
+            lse = a + tl.log(tl.sum(acc, axis=0))
+            loss = 0.0
+            s_w = 0.0
+            for j in tl.static_range(N_PRED + 1):
+                tgt, ok_j, w, sbt = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, row, N, V,
+                                                  inv_c, b_div_c, FAST, EXACT_ROUND, j, N_PRED)
+                loss += tl.where(ok_j, w * (lse - a * sbt), 0.0)
+                if j < N_PRED:   # the normaliser counts every MTP weight, the prefix only where it exists
+                    s_w += w
+                else:
+                    s_w += tl.where(ok_j, w, 0.0)
+            tl.store(loss_ptr + row, loss)
+            if WITH_GRAD:
+                gbase = grad_ptr + row * V
+                for start in range(0, V, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    ok = cols < V
+                    s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c,
+                                     FAST, EXACT_ROUND)
+                    g = coef * s_w * tl.exp(a * sb - lse) * sb * (1.0 - sb)
+                    tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
+                tl.debug_barrier()   # the whole row is stored before its target columns are rewritten
+                for j in tl.static_range(N_PRED + 1):
+                    tgt, ok_j, w, sbt = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, row, N,
+                                                      V, inv_c, b_div_c, FAST, EXACT_ROUND, j, N_PRED)
+                    hit = 0.0   # every prediction of this row whose target is this column
+                    for i in tl.static_range(N_PRED + 1):
+                        tgt_i, ok_i, w_i, _ = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr,
+                                                            row, N, V, inv_c, b_div_c, FAST, EXACT_ROUND, i, N_PRED)
+                        hit += tl.where(ok_i & (tgt_i == tgt), w_i, 0.0)
+                    g = coef * (s_w * tl.exp(a * sbt - lse) - hit) * sbt * (1.0 - sbt)
+                    tl.store(gbase + tgt, g.to(grad_ptr.dtype.element_ty), mask=ok_j)
 
 if triton is not None:
     @triton.jit
@@ -210,15 +237,35 @@ def kernel_available(x: Tensor) -> bool:
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# the loss kernel's shape: logits per iteration, warps and programs per SM (2 x 8 warps keep about
+# 260 rows of 100 KB in flight on an H100: inside its 50 MB L2); measured by gpu_checks' record_head
+LOSS_BLOCK, LOSS_WARPS, LOSS_PROGRAMS_PER_SM = 4096, 8, 2
+INTERPRETER_PROGRAMS = 5
+HEAD_CHUNK_ROWS = 8192     # rows of logits at a time (their gradient in e5m2 beside them): 1.2 GB   # on CPU: a few programs, so that each one loops over several rows
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs(u: Tensor, rows: int) -> int:
+    if not u.is_cuda:
+        return max(1, min(rows, INTERPRETER_PROGRAMS))
+    i = u.device.index if u.device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return max(1, min(rows, LOSS_PROGRAMS_PER_SM * _SM_COUNT[i]))
+
+
 def _run_kernel(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets: Tensor,
                 prefix_weight: Tensor, grad: Tensor | None, coef: float, fast: bool) -> Tensor:
-    N, V = u.shape
-    losses = torch.empty(N, dtype=torch.float32, device=u.device)
+    """Losses of u's rows [R]; `targets` holds R entries or more (the MTP targets past the last
+    row: a slice of the micro-batch's targets from u's first row on)."""
+    rows, V = u.shape
+    losses = torch.empty(rows, dtype=torch.float32, device=u.device)
     inv_c = 1.0 / C
-    _loss_kernel[(N,)](u, u if grad is None else grad, targets, mtp_weights, prefix_targets,
-                       prefix_weight, losses, N, V, inv_c, B * inv_c, A, coef,
-                       N_PRED=mtp_weights.numel(), WITH_GRAD=grad is not None, FAST=fast,
-                       BLOCK=2048, num_warps=8)
+    _loss_kernel[(_programs(u, rows),)](
+        u, u if grad is None else grad, targets, mtp_weights, prefix_targets, prefix_weight, losses,
+        rows, targets.numel(), V, inv_c, B * inv_c, A, coef, N_PRED=mtp_weights.numel(),
+        WITH_GRAD=grad is not None, FAST=fast, EXACT_ROUND=not u.is_cuda, BLOCK=LOSS_BLOCK,
+        num_warps=LOSS_WARPS)
     return losses
 
 
@@ -233,50 +280,61 @@ def _scalar(v: float, like: Tensor) -> Tensor:
 
 
 class _TrainLoss(torch.autograd.Function):
+    """The head, its loss and both of its gradients, all in the forward pass, HEAD_CHUNK_ROWS rows
+    at a time: the logits and their gradient exist for one chunk only (at 16,384 rows they took
+    2.5 GB, the largest tensors of a micro-batch). The backward hands over the two gradients."""
+
     @staticmethod
     def forward(ctx, x, weight, targets, mtp_weights, prefix_targets, prefix_weight, grad_scale, fp8, fast):
         # x [N, D] bf16; weight [D, V] bf16 (the head stores W transposed); returns losses [N]
         use_kernel = kernel_available(x)
+        N = x.shape[0]
         if fp8:
             # divided in bf16, then cast, as the record does: rounding to bf16 first moves about 3%
             # of the elements to another e4m3 value than a direct fp32 -> e4m3 cast would
             x_f8 = (x / X_SCALE).to(torch.float8_e4m3fn)
             w_f8 = (weight / W_SCALE).to(torch.float8_e4m3fn)
-            u = torch._scaled_mm(x_f8, _col_major(w_f8), scale_a=_scalar(X_SCALE, x),
-                                 scale_b=_scalar(W_SCALE, x), out_dtype=torch.bfloat16, use_fast_accum=True)
+            w_col = _col_major(w_f8)
             g_scale = grad_scale * GRAD_SCALE
             coef = grad_scale * (1.0 / C * A) * (1.0 / g_scale)
+            x_s, w_s, g_s = _scalar(X_SCALE, x), _scalar(W_SCALE, x), _scalar(g_scale, x)
         else:
-            u = x @ weight
             g_scale, coef = None, grad_scale * (1.0 / C * A)
-        if use_kernel:
-            grad = torch.empty(u.shape, device=u.device,
-                               dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
-            losses = _run_kernel(u, targets, mtp_weights, prefix_targets, prefix_weight, grad, coef, fast)
-        else:
-            losses, g = loss_and_logit_grad(u, targets, mtp_weights, prefix_targets, prefix_weight,
-                                            grad_scale if not fp8 else grad_scale / g_scale)
-            grad = g.to(torch.float8_e5m2 if fp8 else torch.bfloat16)
-        if fp8:
-            ctx.save_for_backward(x_f8, w_f8, grad)
-        else:
-            ctx.save_for_backward(x, weight, grad)
-        ctx.fp8, ctx.g_scale = fp8, g_scale
-        return losses
+        chunk = HEAD_CHUNK_ROWS if use_kernel else N   # PyTorch's path takes all rows' targets at once
+        losses, grad_x, grad_w = [], [], None
+        for lo in range(0, N, chunk):
+            hi = min(N, lo + chunk)
+            if fp8:
+                u = torch._scaled_mm(x_f8[lo:hi], w_col, scale_a=x_s, scale_b=w_s, out_dtype=torch.bfloat16,
+                                     use_fast_accum=True)
+            else:
+                u = x[lo:hi] @ weight
+            if use_kernel:
+                g = torch.empty(u.shape, device=u.device, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
+                losses.append(_run_kernel(u, targets[lo:], mtp_weights, prefix_targets[lo:hi], prefix_weight,
+                                          g, coef, fast))
+            else:
+                loss, g = loss_and_logit_grad(u, targets, mtp_weights, prefix_targets, prefix_weight,
+                                              grad_scale if not fp8 else grad_scale / g_scale)
+                losses.append(loss)
+                g = g.to(torch.float8_e5m2 if fp8 else torch.bfloat16)
+            del u
+            if fp8:
+                grad_x.append(torch._scaled_mm(g, w_f8.t(), scale_a=g_s, scale_b=w_s, out_dtype=torch.bfloat16))
+                gw = torch._scaled_mm(transposed(x_f8[lo:hi]), _col_major(g), scale_a=x_s, scale_b=g_s,
+                                      out_dtype=torch.float32)
+            else:
+                grad_x.append(g @ weight.t())
+                gw = (x[lo:hi].t() @ g).float()
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
+        ctx.grads = (torch.cat(grad_x) if len(grad_x) > 1 else grad_x[0], grad_w)
+        return torch.cat(losses) if len(losses) > 1 else losses[0]
 
     @staticmethod
     def backward(ctx, _grad_losses):
-        # the logit gradient was made in forward for the objective losses.sum() * grad_scale
-        if ctx.fp8:
-            x_f8, w_f8, g8 = ctx.saved_tensors
-            gs = _scalar(ctx.g_scale, g8)
-            grad_x = torch._scaled_mm(g8, w_f8.t(), scale_a=gs, scale_b=_scalar(W_SCALE, g8),
-                                      out_dtype=torch.bfloat16)
-            grad_w = torch._scaled_mm(transposed(x_f8), _col_major(g8),
-                                      scale_a=_scalar(X_SCALE, g8), scale_b=gs, out_dtype=torch.float32)
-        else:
-            x, weight, g = ctx.saved_tensors
-            grad_x, grad_w = g @ weight.t(), (x.t() @ g).float()
+        # made in forward for the objective losses.sum() * grad_scale
+        grad_x, grad_w = ctx.grads
+        del ctx.grads
         return grad_x, grad_w, None, None, None, None, None, None, None
 
 
