@@ -143,63 +143,61 @@ if triton is not None:
 
     @triton.jit
     def _loss_kernel(logits_ptr, grad_ptr, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, loss_ptr,
-                     rows, N, V: tl.constexpr, inv_c, b_div_c, a, coef, N_PRED: tl.constexpr,
+                     N, V: tl.constexpr, inv_c, b_div_c, a, coef, N_PRED: tl.constexpr,
                      WITH_GRAD: tl.constexpr, FAST: tl.constexpr, EXACT_ROUND: tl.constexpr,
                      BLOCK: tl.constexpr):
-        """Rows `rows` of logits, a few programs per SM each taking every num_programs-th row; per
-        row two passes over its logits: the sum of exp and the loss terms, then the logit
-        gradient (scaled by `coef`, stored in grad_ptr's dtype: e5m2 or bf16). `targets` has N
-        entries from this block's first row on (the MTP targets of its last rows lie past it).
+        """One row of logits per program, two passes over it: the sum of exp and the loss terms,
+        then the logit gradient (scaled by `coef`, stored in grad_ptr's dtype: e5m2 or bf16).
+        `targets` has N entries from this block's first row on (the MTP targets of its last rows
+        lie past it).
 
         Every rescaled logit lies in (0, a), so exp(z - a) is in (e^-a, 1]: a fixed shift by the
         bound `a` replaces the row maximum and its pass (the record's kernel shifts by the row
-        maximum; the log-sum-exp is the same up to fp32 rounding). Few rows in flight keep each
-        row in L2 for the second pass (at one row per program, 100 KB rows from all the programs
-        an SM holds overflowed it and the second pass read DRAM again). The second pass writes
-        the softmax part only; the target columns (at most N_PRED + 1) are written after it, as
-        the record's kernel does, instead of a comparison per logit."""
-        for r in range(tl.program_id(0), rows, tl.num_programs(0)):
-            row = tl.cast(r, tl.int64)
-            base = logits_ptr + row * V
-            acc = tl.zeros([BLOCK], tl.float32)
+        maximum; the log-sum-exp is the same up to fp32 rounding). The second pass writes the
+        softmax part only; the target columns (at most N_PRED + 1) are written after it, as the
+        record's kernel does, instead of a comparison per logit."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * V
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < V
+            s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c,
+                             FAST, EXACT_ROUND)
+            acc += tl.where(ok, tl.exp(a * sb - a), 0.0)
+        lse = a + tl.log(tl.sum(acc, axis=0))
+        loss = 0.0
+        s_w = 0.0
+        for j in tl.static_range(N_PRED + 1):
+            tgt, ok_j, w, sbt = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, row, N, V,
+                                              inv_c, b_div_c, FAST, EXACT_ROUND, j, N_PRED)
+            loss += tl.where(ok_j, w * (lse - a * sbt), 0.0)
+            if j < N_PRED:   # the normaliser counts every MTP weight, the prefix only where it exists
+                s_w += w
+            else:
+                s_w += tl.where(ok_j, w, 0.0)
+        tl.store(loss_ptr + row, loss)
+        if WITH_GRAD:
+            gbase = grad_ptr + row * V
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 ok = cols < V
                 s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c,
                                  FAST, EXACT_ROUND)
-                acc += tl.where(ok, tl.exp(a * sb - a), 0.0)
-            lse = a + tl.log(tl.sum(acc, axis=0))
-            loss = 0.0
-            s_w = 0.0
+                g = coef * s_w * tl.exp(a * sb - lse) * sb * (1.0 - sb)
+                tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
+            tl.debug_barrier()   # the whole row is stored before its target columns are rewritten
             for j in tl.static_range(N_PRED + 1):
-                tgt, ok_j, w, sbt = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, row, N, V,
-                                                  inv_c, b_div_c, FAST, EXACT_ROUND, j, N_PRED)
-                loss += tl.where(ok_j, w * (lse - a * sbt), 0.0)
-                if j < N_PRED:   # the normaliser counts every MTP weight, the prefix only where it exists
-                    s_w += w
-                else:
-                    s_w += tl.where(ok_j, w, 0.0)
-            tl.store(loss_ptr + row, loss)
-            if WITH_GRAD:
-                gbase = grad_ptr + row * V
-                for start in range(0, V, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    ok = cols < V
-                    s, sb = _rescale(tl.load(base + cols, mask=ok, other=0.0).to(tl.float32), inv_c, b_div_c,
-                                     FAST, EXACT_ROUND)
-                    g = coef * s_w * tl.exp(a * sb - lse) * sb * (1.0 - sb)
-                    tl.store(gbase + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
-                tl.debug_barrier()   # the whole row is stored before its target columns are rewritten
-                for j in tl.static_range(N_PRED + 1):
-                    tgt, ok_j, w, sbt = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, row, N,
-                                                      V, inv_c, b_div_c, FAST, EXACT_ROUND, j, N_PRED)
-                    hit = 0.0   # every prediction of this row whose target is this column
-                    for i in tl.static_range(N_PRED + 1):
-                        tgt_i, ok_i, w_i, _ = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr,
-                                                            row, N, V, inv_c, b_div_c, FAST, EXACT_ROUND, i, N_PRED)
-                        hit += tl.where(ok_i & (tgt_i == tgt), w_i, 0.0)
-                    g = coef * (s_w * tl.exp(a * sbt - lse) - hit) * sbt * (1.0 - sbt)
-                    tl.store(gbase + tgt, g.to(grad_ptr.dtype.element_ty), mask=ok_j)
+                tgt, ok_j, w, sbt = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr, row, N,
+                                                  V, inv_c, b_div_c, FAST, EXACT_ROUND, j, N_PRED)
+                hit = 0.0   # every prediction of this row whose target is this column
+                for i in tl.static_range(N_PRED + 1):
+                    tgt_i, ok_i, w_i, _ = _target_terms(base, targets_ptr, mtp_ptr, prefix_ptr, prefix_w_ptr,
+                                                        row, N, V, inv_c, b_div_c, FAST, EXACT_ROUND, i, N_PRED)
+                    hit += tl.where(ok_i & (tgt_i == tgt), w_i, 0.0)
+                g = coef * (s_w * tl.exp(a * sbt - lse) - hit) * sbt * (1.0 - sbt)
+                tl.store(gbase + tgt, g.to(grad_ptr.dtype.element_ty), mask=ok_j)
+
 
 if triton is not None:
     @triton.jit
@@ -237,21 +235,9 @@ def kernel_available(x: Tensor) -> bool:
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-# the loss kernel's shape: logits per iteration, warps and programs per SM (2 x 8 warps keep about
-# 260 rows of 100 KB in flight on an H100: inside its 50 MB L2); measured by gpu_checks' record_head
-LOSS_BLOCK, LOSS_WARPS, LOSS_PROGRAMS_PER_SM = 4096, 8, 2
-INTERPRETER_PROGRAMS = 5
-HEAD_CHUNK_ROWS = 8192     # rows of logits at a time (their gradient in e5m2 beside them): 1.2 GB   # on CPU: a few programs, so that each one loops over several rows
-_SM_COUNT: dict[int, int] = {}
-
-
-def _programs(u: Tensor, rows: int) -> int:
-    if not u.is_cuda:
-        return max(1, min(rows, INTERPRETER_PROGRAMS))
-    i = u.device.index if u.device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return max(1, min(rows, LOSS_PROGRAMS_PER_SM * _SM_COUNT[i]))
+# the loss kernel's shape: logits per iteration and warps (gpu_checks' record_head times others)
+LOSS_BLOCK, LOSS_WARPS = 2048, 8
+HEAD_CHUNK_ROWS = 8192     # rows of logits at a time (their gradient in e5m2 beside them): 1.2 GB
 
 
 def _run_kernel(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets: Tensor,
@@ -261,9 +247,9 @@ def _run_kernel(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets:
     rows, V = u.shape
     losses = torch.empty(rows, dtype=torch.float32, device=u.device)
     inv_c = 1.0 / C
-    _loss_kernel[(_programs(u, rows),)](
+    _loss_kernel[(rows,)](
         u, u if grad is None else grad, targets, mtp_weights, prefix_targets, prefix_weight, losses,
-        rows, targets.numel(), V, inv_c, B * inv_c, A, coef, N_PRED=mtp_weights.numel(),
+        targets.numel(), V, inv_c, B * inv_c, A, coef, N_PRED=mtp_weights.numel(),
         WITH_GRAD=grad is not None, FAST=fast, EXACT_ROUND=not u.is_cuda, BLOCK=LOSS_BLOCK,
         num_warps=LOSS_WARPS)
     return losses
