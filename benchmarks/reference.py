@@ -1002,7 +1002,10 @@ def curve_worker(args) -> None:
     tmp = Path(tempfile.mkdtemp())
     p = TrainParams(profile="gpu", val_every=args.curve_every, val_tokens=args.curve_val_tokens,
                     target_val_loss=0.0, ckpt_every=0, warmup_steps=1)
-    r = RecordParams(val_chunk_tokens=args.curve_val_tokens // 8, muon_lr=0.023 * args.muon_lr_mult)
+    # 16,384-token micro-batches: the record's own in stage 1 (where the curve's steps lie), so both
+    # sides see the same documents cut at the same places
+    r = RecordParams(val_chunk_tokens=args.curve_val_tokens // 8, muon_lr=0.023 * args.muon_lr_mult,
+                     micro_batch_tokens=16384)
     run = RecordRun(p, r, Paths(Path(args.shards), tmp / "ckpt", tmp / "final.pt", tmp / "train.json", None),
                     init_state=state, stop_at=args.curve_steps)
     metrics = run.run()

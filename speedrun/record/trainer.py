@@ -8,9 +8,10 @@ and Adam on odd ones, untie the embedding at the untie step, re-quantize the FP8
 
 Memory: the record runs 8 micro-batches per step (16k / 32k / 48k tokens: more than a 24 GB card
 holds).
-Here a micro-batch holds at most `micro_batch_tokens` (16,384 by default: the record's first stage
-exactly, 2 and 3 times as many micro-batches in the later ones, each built from whole documents
-as the record builds its own). `micro_batch_tokens: 0` reproduces the record's eighths.
+Here a micro-batch holds at most `micro_batch_tokens` (32,768 by default: the record's second stage
+exactly, 4 and 12 micro-batches where it runs 8 in the first and last stages, each built from
+whole documents as the record builds its own). `micro_batch_tokens: 0` reproduces the record's
+eighths.
 Validation runs the record's 262,144-token chunks, its logits in slices (loss.py).
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _stage_list(n: int):
 
 @dataclasses.dataclass
 class RecordParams:
-    micro_batch_tokens: int = param(16384, ge=0)
+    micro_batch_tokens: int = param(32768, ge=0)
     val_chunk_tokens: int = param(262144, ge=128)
     scheduled_steps: int = param(1270, ge=3)
     extension_steps: int = param(15, ge=0)
