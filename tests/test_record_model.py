@@ -174,6 +174,32 @@ def test_training_loss_and_its_gradient():
     assert torch.allclose(ce, torch.nn.functional.cross_entropy(L.rescale(x @ w).float(), t[:7], reduction="none"))
 
 
+def test_head_in_chunks_of_rows_equals_one_chunk(monkeypatch):
+    """The head runs HEAD_CHUNK_ROWS rows at a time (loss.py): the MTP targets of a chunk's last
+    rows lie in the next chunk, the weight gradient is summed over chunks. Losses are the same and
+    both gradients agree with one chunk of all rows."""
+    torch.manual_seed(3)
+    N, D, V = 24, 16, 300
+    x, w = torch.randn(N, D).bfloat16(), (torch.randn(D, V) * 0.3).bfloat16()
+    t, pre = torch.randint(0, V, (N,)), torch.randint(-1, V, (N,))
+    mtp, pw = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.3])
+    res = {}
+    for chunk in (N, 7):
+        monkeypatch.setattr(L, "HEAD_CHUNK_ROWS", chunk)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        losses = L.train_losses(xr, wr, t, mtp, pre, pw, 0.125, fp8=False, fast=False)
+        losses.sum().backward()
+        res[chunk] = (losses, xr.grad.float(), wr.grad.float())
+    assert torch.equal(res[N][0], res[7][0])
+    for a, b in zip(res[7][1:], res[N][1:]):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    # a chunk that cut the next chunk's targets off would change the last rows' losses
+    monkeypatch.setattr(L, "HEAD_CHUNK_ROWS", 7)
+    cut = torch.cat([L.loss_and_logit_grad((x[lo:lo + 7] @ w).float(), t[lo:lo + 7], mtp, pre[lo:lo + 7], pw,
+                                           grad_mul=None)[0] for lo in range(0, N, 7)])
+    assert not torch.allclose(cut, res[N][0])
+
+
 def test_fp8_head_operands_are_cast_as_the_record_casts_them(monkeypatch):
     """The record divides the bf16 input and weight by their scales in bf16 and then casts to e4m3
     (x.div(x_s).to(e4m3)). A direct fp32 -> e4m3 cast gives another value for ~3% of elements."""

@@ -61,8 +61,8 @@ def loss_and_logit_grad(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_
                         prefix_weight: Tensor, grad_mul: float | None) -> tuple[Tensor, Tensor | None]:
     """PyTorch version of the training kernel (CPU, and the kernel's reference in tests).
 
-    u [N, V] logits; targets [N]; mtp_weights [K]; prefix_targets [N] (-1: none); prefix_weight
-    [1]. Returns per-row losses [N] fp32 and, unless grad_mul is None, d(loss)/du * grad_mul
+    u [N, V] logits; targets [N or more] (from u's first row on: the MTP targets of the last rows
+    may lie past them); mtp_weights [K]; prefix_targets [N] (-1: none); prefix_weight [1]. Returns per-row losses [N] fp32 and, unless grad_mul is None, d(loss)/du * grad_mul
     (fp32 [N, V]) where grad_mul = grad_scale (times 1/gradient-scale for FP8). In place where it
     can be: a [tokens, 50304] pass costs tens of milliseconds on a CPU."""
     N, V = u.shape
@@ -77,7 +77,8 @@ def loss_and_logit_grad(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_
     targets_k, weights_k = [], []
     for k in range(mtp_weights.numel()):
         tgt = torch.full((N,), -1, dtype=torch.long, device=u.device)
-        tgt[:N - k] = targets[k:]
+        n = max(0, min(N, targets.numel() - k))
+        tgt[:n] = targets[k:k + n]
         ok = (tgt >= 0) & (tgt < V)
         w = torch.where(ok, mtp_weights[k].float(), 0.0)
         losses += w * (lse - z.gather(1, tgt.clamp(0, V - 1)[:, None])[:, 0])
@@ -286,10 +287,9 @@ class _TrainLoss(torch.autograd.Function):
             x_s, w_s, g_s = _scalar(X_SCALE, x), _scalar(W_SCALE, x), _scalar(g_scale, x)
         else:
             g_scale, coef = None, grad_scale * (1.0 / C * A)
-        chunk = HEAD_CHUNK_ROWS if use_kernel else N   # PyTorch's path takes all rows' targets at once
         losses, grad_x, grad_w = [], [], None
-        for lo in range(0, N, chunk):
-            hi = min(N, lo + chunk)
+        for lo in range(0, N, HEAD_CHUNK_ROWS):
+            hi = min(N, lo + HEAD_CHUNK_ROWS)
             if fp8:
                 u = torch._scaled_mm(x_f8[lo:hi], w_col, scale_a=x_s, scale_b=w_s, out_dtype=torch.bfloat16,
                                      use_fast_accum=True)
@@ -300,7 +300,7 @@ class _TrainLoss(torch.autograd.Function):
                 losses.append(_run_kernel(u, targets[lo:], mtp_weights, prefix_targets[lo:hi], prefix_weight,
                                           g, coef, fast))
             else:
-                loss, g = loss_and_logit_grad(u, targets, mtp_weights, prefix_targets, prefix_weight,
+                loss, g = loss_and_logit_grad(u, targets[lo:], mtp_weights, prefix_targets[lo:hi], prefix_weight,
                                               grad_scale if not fp8 else grad_scale / g_scale)
                 losses.append(loss)
                 g = g.to(torch.float8_e5m2 if fp8 else torch.bfloat16)
