@@ -238,7 +238,6 @@ def measure_variant(name: str, overrides: dict, steps_per_window: int, params_pa
 
 # RTX 4090: compute capability 8.9, 24,564 MiB of which the CUDA context and the driver keep ~0.5 GiB
 SM89 = {"capability": (8, 9), "memory_cap_gib": 23.5}
-SM89_SHARED_MEMORY_PER_BLOCK = 101376   # bytes a block may opt into on 8.9 (99 KiB; 227 KiB on Hopper)
 _TRITON_SHARED: dict[str, int] = {}     # every Triton kernel loaded in this process -> its shared memory
 
 
@@ -456,7 +455,9 @@ def measure_record(name: str, overrides: dict, steps: int, params_path: str) -> 
         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
     })
     if emulated:
-        result.update(shared_memory_report(SM89_SHARED_MEMORY_PER_BLOCK))
+        from speedrun.record.attention import SMALL_SHARED_MEMORY
+
+        result.update(shared_memory_report(SMALL_SHARED_MEMORY[SM89["capability"]]))
     # the table's columns for the classic recipe's three windows hold the three stages here
     result.update({"tokens_per_s_start": rates[0], "tokens_per_s_middle": rates[1], "tokens_per_s_end": rates[2]})
     return result

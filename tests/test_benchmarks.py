@@ -304,7 +304,9 @@ def test_shared_memory_report_names_inductor_kernels_that_no_config_fits(monkeyp
     tp.note_autotuner(SimpleNamespace(inductor_meta={}, fn=SimpleNamespace(__name__="triton_poi_0"),
                                       launchers=launchers(0)))
     tp.note_kernel("_ce_kernel", [512])
-    report = tp.shared_memory_report(tp.SM89_SHARED_MEMORY_PER_BLOCK)
+    from speedrun.record.attention import SMALL_SHARED_MEMORY
+
+    report = tp.shared_memory_report(SMALL_SHARED_MEMORY[tp.SM89["capability"]])
     assert report["triton_kernels_seen"] == 4
     assert report["kernels_over_sm89_shared_memory"] == {"triton_tem_fused_flex_0": 120_000}
     assert report["max_shared_memory_bytes"] == 120_000

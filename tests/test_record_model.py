@@ -65,6 +65,13 @@ def test_block_mask_equals_the_dense_rule():
         assert torch.all(dense_window_mask(doc, w)[full.repeat_interleave(128, 0).repeat_interleave(128, 1)])
 
 
+def flex_forward_shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int = 128) -> int:
+    """Shared memory of FlexAttention's bf16 forward tile: the query tile, `stages` key and value
+    tiles, and 1 KiB of reduction scratch (what the H200's compiled kernels report: 132,096 bytes
+    for 128 x 64 in 3 stages)."""
+    return 2 * head_dim * (block_m + 2 * stages * block_n) + 1024
+
+
 def test_flex_tiles_fit_a_99_kib_card_where_inductors_own_do_not(monkeypatch):
     """On compute capability 8.9 (RTX 4090) Inductor gives FlexAttention's forward the A100's tile,
     whose shared memory is over what an 8.9 block may use; the options passed there fit, and the
@@ -73,7 +80,7 @@ def test_flex_tiles_fit_a_99_kib_card_where_inductors_own_do_not(monkeypatch):
     torch whose 8.9 tile changes shows here."""
     from torch._inductor.template_heuristics.triton import CUDAConfigHeuristic
 
-    from speedrun.record.attention import SMALL_SHARED_MEMORY, flex_forward_shared_bytes, flex_kernel_options
+    from speedrun.record.attention import SMALL_SHARED_MEMORY, flex_kernel_options
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     inductor = CUDAConfigHeuristic().get_flex_attn_fwd_configs(128, torch.bfloat16)[-1]
@@ -174,7 +181,25 @@ def test_training_loss_and_its_gradient():
     assert torch.allclose(ce, torch.nn.functional.cross_entropy(L.rescale(x @ w).float(), t[:7], reduction="none"))
 
 
-def test_head_in_chunks_of_rows_equals_one_chunk(monkeypatch):
+def head_in_chunks(x, w, t, pre, mtp, pw, chunk: int):
+    """The bf16 head's losses in chunks of `chunk` rows and in one chunk: (losses equal, relative
+    differences of the x and W gradients). Also run by the Triton interpreter's script (the kernel
+    path)."""
+    res, saved = [], L.HEAD_CHUNK_ROWS
+    try:
+        for rows in (x.shape[0], chunk):
+            L.HEAD_CHUNK_ROWS = rows
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            losses = L.train_losses(xr, wr, t, mtp, pre, pw, 0.125, fp8=False, fast=False)
+            losses.sum().backward()
+            res.append((losses, xr.grad.float(), wr.grad.float()))
+    finally:
+        L.HEAD_CHUNK_ROWS = saved
+    (whole, *grads), (chunked, *chunked_grads) = res
+    return torch.equal(whole, chunked), [((a - b).norm() / b.norm()).item() for a, b in zip(chunked_grads, grads)]
+
+
+def test_head_in_chunks_of_rows_equals_one_chunk():
     """The head runs HEAD_CHUNK_ROWS rows at a time (loss.py): the MTP targets of a chunk's last
     rows lie in the next chunk, the weight gradient is summed over chunks. Losses are the same and
     both gradients agree with one chunk of all rows."""
@@ -183,21 +208,14 @@ def test_head_in_chunks_of_rows_equals_one_chunk(monkeypatch):
     x, w = torch.randn(N, D).bfloat16(), (torch.randn(D, V) * 0.3).bfloat16()
     t, pre = torch.randint(0, V, (N,)), torch.randint(-1, V, (N,))
     mtp, pw = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.3])
-    res = {}
-    for chunk in (N, 7):
-        monkeypatch.setattr(L, "HEAD_CHUNK_ROWS", chunk)
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        losses = L.train_losses(xr, wr, t, mtp, pre, pw, 0.125, fp8=False, fast=False)
-        losses.sum().backward()
-        res[chunk] = (losses, xr.grad.float(), wr.grad.float())
-    assert torch.equal(res[N][0], res[7][0])
-    for a, b in zip(res[7][1:], res[N][1:]):
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    equal, errs = head_in_chunks(x, w, t, pre, mtp, pw, 7)
+    assert equal
+    assert max(errs) < 1e-2
     # a chunk that cut the next chunk's targets off would change the last rows' losses
-    monkeypatch.setattr(L, "HEAD_CHUNK_ROWS", 7)
     cut = torch.cat([L.loss_and_logit_grad((x[lo:lo + 7] @ w).float(), t[lo:lo + 7], mtp, pre[lo:lo + 7], pw,
                                            grad_mul=None)[0] for lo in range(0, N, 7)])
-    assert not torch.allclose(cut, res[N][0])
+    whole = L.loss_and_logit_grad((x @ w).float(), t, mtp, pre, pw, grad_mul=None)[0]
+    assert not torch.allclose(cut, whole)
 
 
 def test_fp8_head_operands_are_cast_as_the_record_casts_them(monkeypatch):
@@ -366,18 +384,10 @@ _, g = L.loss_and_logit_grad(u, t, mtp, pre, pw, grad_mul=2.0)
 cols = torch.cat([t.clamp(0, V - 1), pre.clamp(0, V - 1)])
 rows = torch.arange(N).repeat(2)
 out["target_cols_err"] = ((grad[rows, cols] - g[rows, cols]).abs().max() / g[rows, cols].abs().max()).item()
-# the head in chunks of rows (HEAD_CHUNK_ROWS): the MTP targets of a chunk's last rows lie in the
-# next; losses and both gradients as in one chunk
+# the head in chunks of rows (HEAD_CHUNK_ROWS) through the kernel: as in one chunk
+from test_record_model import head_in_chunks
 x, w = torch.randn(N, 16).bfloat16(), (torch.randn(16, V) * 0.3).bfloat16()
-res = {}
-for chunk in (N, 7):
-    L.HEAD_CHUNK_ROWS = chunk
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    losses = L.train_losses(xr, wr, t, mtp, pre, pw, 0.125, fp8=False, fast=False)
-    losses.sum().backward()
-    res[chunk] = (losses, xr.grad.float(), wr.grad.float())
-out["chunked_loss_equal"] = torch.equal(res[N][0], res[7][0])
-out["chunked_grad_errs"] = [((a - b).norm() / b.norm()).item() for a, b in zip(res[7][1:], res[N][1:])]
+out["chunked_loss_equal"], out["chunked_grad_errs"] = head_in_chunks(x, w, t, pre, mtp, pw, 7)
 # the MLP backward with d(pre) in the matmul's epilogue (record/mlp.py BACKWARD = "fused") against
 # the pointwise one; W2 is stored [hidden, dim], so the kernel reads it as stored (its transpose).
 # fp32: the interpreter's TMA loads of bf16 return garbage (numpy has no bf16); the GPU checks
@@ -413,7 +423,7 @@ def test_head_kernels_in_the_triton_interpreter():
     from conftest import PROJECT
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton not installed (CPU torch): the GPU checks cover the kernels")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(PROJECT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(PROJECT), str(PROJECT / "tests")])}
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNELS], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

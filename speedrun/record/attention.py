@@ -50,13 +50,6 @@ def flex_kernel_options(capability: tuple[int, int] | None) -> dict | None:
     return {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8}
 
 
-def flex_forward_shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int = 128) -> int:
-    """Shared memory of FlexAttention's bf16 forward tile: the query tile, `stages` key and value
-    tiles, and 1 KiB of reduction scratch (what the H200's compiled kernels report: 132,096 bytes
-    for 128 x 64 in 3 stages)."""
-    return 2 * head_dim * (block_m + 2 * stages * block_n) + 1024
-
-
 def doc_ids(cu_seqlens: Tensor, T: int) -> Tensor:
     """Document index of each of the T positions, from cu_seqlens (0, ends..., T, T, ...)."""
     pos = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)

@@ -62,7 +62,8 @@ def loss_and_logit_grad(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_
     """PyTorch version of the training kernel (CPU, and the kernel's reference in tests).
 
     u [N, V] logits; targets [N or more] (from u's first row on: the MTP targets of the last rows
-    may lie past them); mtp_weights [K]; prefix_targets [N] (-1: none); prefix_weight [1]. Returns per-row losses [N] fp32 and, unless grad_mul is None, d(loss)/du * grad_mul
+    may lie past them); mtp_weights [K]; prefix_targets [N] (-1: none); prefix_weight [1].
+    Returns per-row losses [N] fp32 and, unless grad_mul is None, d(loss)/du * grad_mul
     (fp32 [N, V]) where grad_mul = grad_scale (times 1/gradient-scale for FP8). In place where it
     can be: a [tokens, 50304] pass costs tens of milliseconds on a CPU."""
     N, V = u.shape
