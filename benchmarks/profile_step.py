@@ -135,7 +135,7 @@ def record_stepper(overrides: dict, params: str, stage: int, steps: int):
     count, windows and loss weights), on the synthetic tokens of the throughput benchmark."""
     from benchmarks.throughput import record_run
 
-    run, _ = record_run(overrides, params, steps, settle=2)
+    run, _ = record_run(overrides, params, 2 * steps, settle=2)   # untimed steps, then profiled ones
     run._build()
     run.warmup()
     run.begin_steps(0)
@@ -170,7 +170,7 @@ def main() -> None:
     from benchmarks.throughput import VARIANTS
 
     overrides = VARIANTS[args.variant]
-    trace, prof = None, None
+    trace, prof, plain_wall = None, None, None
     if overrides.get("recipe") == "reference":   # its own process; the kernels come back as a trace
         if args.gaps:
             raise SystemExit("--gaps needs the host side, which the reference's profile does not record")
@@ -178,13 +178,18 @@ def main() -> None:
         wall = wall_ms / 1e3
     else:
         step = (record_stepper(overrides, args.params, args.stage, args.steps) if overrides.get("recipe") == "record"
-                else classic_stepper(overrides, args.params, args.steps))
+                else classic_stepper(overrides, args.params, 2 * args.steps))
         step(0)   # settles: the first step after the warm-up's state reset
         torch.cuda.synchronize()
+        t = time.perf_counter()   # the same steps' wall without the profiler's host overhead
+        for s in range(1, args.steps + 1):
+            step(s)
+        torch.cuda.synchronize()
+        plain_wall = (time.perf_counter() - t) / args.steps
         acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.gaps else [])
         with profile(activities=acts) as prof:
             t = time.perf_counter()
-            for s in range(1, args.steps + 1):
+            for s in range(args.steps + 1, 2 * args.steps + 1):
                 step(s)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t) / args.steps
@@ -192,16 +197,18 @@ def main() -> None:
         path = Path(tempfile.mkdtemp()) / "trace.json"
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
-    per_fam, per_kernel = defaultdict(float), defaultdict(float)
-    for name, us in (gpu_times(trace) if trace else
-                     ((e.key, getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0))
-                      for e in prof.key_averages())):
+    per_fam, per_kernel, calls = defaultdict(float), defaultdict(float), defaultdict(int)
+    for name, us, n in (((name, us, 1) for name, us in gpu_times(trace)) if trace else
+                        ((e.key, getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0), e.count)
+                         for e in prof.key_averages())):
         if us <= 0:
             continue
         per_kernel[name] += us
+        calls[name] += n
         per_fam[family(name)] += us
     total = sum(per_fam.values())
-    print(f"step wall {wall * 1e3:.1f} ms, GPU kernel time {total / 1e3 / args.steps:.1f} ms per step")
+    plain = f" ({plain_wall * 1e3:.1f} ms without the profiler)" if plain_wall else ""
+    print(f"step wall {wall * 1e3:.1f} ms{plain}, GPU kernel time {total / 1e3 / args.steps:.1f} ms per step")
     print("| family | ms/step | share |\n|---|---|---|")
     for fam, us in sorted(per_fam.items(), key=lambda kv: -kv[1]):
         print(f"| {fam} | {us / 1e3 / args.steps:.1f} | {us / total:.1%} |")
@@ -221,6 +228,10 @@ def main() -> None:
         from speedrun.atomic import write_json
 
         write_json(args.out, {"variant": args.variant, "stage": args.stage, "step_wall_ms": wall * 1e3,
+                              "step_wall_ms_without_profiler": plain_wall and plain_wall * 1e3,
+                              # every kernel: [ms per step, launches per step], to diff two profiles
+                              "kernels": {k: [v / 1e3 / args.steps, calls[k] / args.steps] for k, v in
+                                          sorted(per_kernel.items(), key=lambda kv: -kv[1])},
                               "families_ms_per_step": {k: v / 1e3 / args.steps for k, v in per_fam.items()},
                               "top_kernels_ms_per_step": {k: v / 1e3 / args.steps for k, v in
                                                           sorted(per_kernel.items(), key=lambda kv: -kv[1])[:40]},
