@@ -29,7 +29,8 @@ CODE_FILES = ("configuration_speedrun_gpt.py", "modeling_speedrun_gpt.py")
 # the record recipe's folder carries its training modules: the exported model runs that code
 RECORD_CODE_FILES = ("configuration_speedrun_record.py", "modeling_speedrun_record.py")
 RECORD_DIR = Path(__file__).parent / "record"
-RECORD_MODULES = ("model.py", "mudd.py", "attention.py", "bigram.py", "dc.py", "loss.py", "mlp.py", "yarn.py")
+RECORD_MODULES = ("model.py", "mudd.py", "attention.py", "bigram.py", "dc.py", "loss.py", "lookup.py", "mlp.py",
+                  "yarn.py")
 RECORD_MAX_LEN = 8192   # rotary rows of an exported record model: the longest text it takes
 TEXT_VOCAB = 50257          # GPT-2's tokens; model rows above are padding (vocab rounded to x128)
 # GPTConfig fields the HF modeling code reproduces (max_seq_len is not needed there)

@@ -42,6 +42,7 @@ from .mudd import (GATE_COEFS, HIDDEN, MUDD_COEFS, MUDD_SCALE, POST_ATTN_GATE, P
 from .attention import Masks, attend, flex_kernel_options, xsa
 from .bigram import sign_ids, sign_table
 from .dc import dc_correct, dc_weights
+from .lookup import lookup
 from .loss import eval_losses, rescale, train_losses
 from .mlp import ACT_HEADROOM, E4M3_MAX, FP8State, relu2_mlp
 from .yarn import Yarn, rotary
@@ -260,9 +261,26 @@ class RecordGPT(nn.Module):
         y = y.contiguous().view(B, T, H * hd)
         return F.linear(y, lambdas[1] * qkvo[3 * D:].type_as(y))
 
+    def table_rows(self, inputs: Tensor, bigram_inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The table lookups of a micro-batch: (token embeddings [T, dim], the five value
+        embeddings [5, T, dim], bigram embeddings [T, dim]). Outside the compiled graph in
+        training, so that their gradients go straight into the tables' .grad (lookup.py)."""
+        first_rows = torch.arange(5, device=inputs.device, dtype=inputs.dtype) * self.cfg.vocab_size
+        ve_ids = inputs[None] + first_rows[:, None]   # the rows of the five tables in value_embeds
+        return (lookup(self.embed.weight, inputs), lookup(self.value_embeds, ve_ids),
+                lookup(self.bigram_embed.weight, bigram_inputs))
+
     def hidden_states(self, inputs: Tensor, bigram_inputs: Tensor, mask_short, mask_long,
                       mask_paired, doc: Tensor, fp8: bool, independent_starts: Tensor | None = None) -> Tensor:
-        """inputs, bigram_inputs [T] int32 -> the final normed state [T, dim].
+        """inputs, bigram_inputs [T] int32 -> the final normed state [T, dim]: the table lookups,
+        then hidden_from_rows."""
+        return self.hidden_from_rows(inputs, *self.table_rows(inputs, bigram_inputs), mask_short, mask_long,
+                                     mask_paired, doc, fp8, independent_starts)
+
+    def hidden_from_rows(self, inputs: Tensor, embedded: Tensor, ve: Tensor, bigram_rows: Tensor, mask_short,
+                         mask_long, mask_paired, doc: Tensor, fp8: bool,
+                         independent_starts: Tensor | None = None) -> Tensor:
+        """inputs [T] int32 and their table rows (table_rows) -> the final normed state [T, dim].
 
         The record lets neighbouring documents touch: a document's first position still takes
         the smear, the bigram sign and (long layers) the key offset from the position before it,
@@ -273,7 +291,7 @@ class RecordGPT(nn.Module):
         (scoring, continuation_loss.py) then compute what each computes alone; the caller also
         gives each its own bigram ids (bigram.bigram_ids per sequence)."""
         cfg, H, hd = self.cfg, NUM_HEADS, self.cfg.head_dim
-        D, V, L = cfg.model_dim, cfg.vocab_size, NUM_LAYERS
+        D, L = cfg.model_dim, NUM_LAYERS
         masks = {i: mask_paired if i in PAIRED else (mask_long if i in LONG else mask_short)
                  for i in range(L) if i != SKIP_LAYER}
         sa_lambdas = self.scalars[:2 * L].view(-1, 2)
@@ -293,13 +311,12 @@ class RecordGPT(nn.Module):
             since_start = pos - torch.where(independent_starts, pos, 0).cummax(0).values
             rotary_tables = tuple(t[since_start] for t in (self.rot_cos, self.rot_sin,
                                                             self.rot_cos_paired, self.rot_sin_paired))
-        x = self.embed(inputs)
+        x = embedded
         sign_rows = sign_ids(inputs, cfg.bigram_sign_rows)
         if independent_starts is not None:
             sign_rows = sign_rows.masked_fill(independent_starts, 0)
         signs = self.bigram_sign_table[sign_rows]
-        x0_bigram = (self.bigram_embed(bigram_inputs) * signs)[None]    # [1, T, D]
-        ve = self.value_embeds.view(5, V, -1)[:, inputs]                 # [5, T, D]
+        x0_bigram = (bigram_rows * signs)[None]                          # [1, T, D]
         # smear: each token's embedding takes a gated share of the previous token's
         smear = smear_lambda * torch.sigmoid(self.smear_gate(x[1:, :SMEAR_DIMS]))
         if independent_starts is not None:

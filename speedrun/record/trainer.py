@@ -235,16 +235,24 @@ class RecordRun(TrainingLoop):
         self.hyper = Hyper(muon_lr=r.muon_lr, muon_beta2=r.muon_beta2, muon_weight_decay=r.muon_weight_decay,
                            adam_lr=r.adam_lr, adam_weight_decay=r.adam_weight_decay)
         self.opt = NorMuonAdam(self.model, self.hyper, compile=self.p.compile)
-        self.hidden = self.model.hidden_states
+        # the table lookups run outside the compiled graph (their gradients go into .grad in place)
+        self.from_rows = self.model.hidden_from_rows
         if self.p.compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.hidden = torch.compile(self.model.hidden_states, dynamic=False, fullgraph=True)
+            self.from_rows = torch.compile(self.model.hidden_from_rows, dynamic=False, fullgraph=True)
         d = self.device
         self._mtp = torch.zeros(sch.MTP_SLOTS, device=d)
         self._prefix = torch.zeros(1, device=d)
         self._history: list[int] | None = None
         self.staging = Staging(max_micro(r), d)
         self.fwd = self.model
+
+    def hidden(self, x: torch.Tensor, bg: torch.Tensor, cu: torch.Tensor, fp8: bool) -> torch.Tensor:
+        """The final normed state of one micro-batch (inputs, bigram ids, cu_seqlens on the device)."""
+        model = self.model
+        m = model.masks(cu, x.numel())
+        return self.from_rows(x, *model.table_rows(x, bg), m[("short", False)], m[("long", False)],
+                              m[("short", True)], m.doc, fp8)
 
     def _micro(self, plan) -> int:
         return self.T or plan.batch_tokens // 8
@@ -271,8 +279,7 @@ class RecordRun(TrainingLoop):
         total = torch.zeros((), device=self.device)
         for mb in batches:
             x, y, bg, cu = self.staging.put(mb)
-            m = model.masks(cu, x.numel())
-            h = self.hidden(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, self.fp8)
+            h = self.hidden(x, bg, cu, self.fp8)
             losses = model.train_losses(h, y, self._mtp, self._prefix, self.fp8)
             (losses.sum() * GRAD_SCALE).backward()
             total += losses.detach().mean() / len(batches)
@@ -351,8 +358,7 @@ class RecordRun(TrainingLoop):
         with torch.no_grad():
             for mb in chunks:
                 x, y, bg, cu = (torch.from_numpy(a).to(self.device) for a in (mb.inputs, mb.targets, mb.bigram, mb.cu_seqlens))
-                m = model.masks(cu, x.numel())
-                h = self.hidden(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, False)
+                h = self.hidden(x, bg, cu, False)
                 total += model.eval_losses(h, y).double().mean()
                 n += 1
         model.train()

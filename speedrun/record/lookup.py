@@ -1,0 +1,151 @@
+"""Table lookups whose backward adds one micro-batch's gradient rows into the table's `.grad` in place.
+
+The record's tables (token embedding, value embeddings, bigram embedding: 522M bf16 entries)
+are looked up with plain indexing. Its backward makes a dense gradient as large as the table for
+every micro-batch (zeros, then the rows scattered in), and autograd then adds that dense tensor
+into `.grad` (a bf16 add over the whole table). At 32k-token micro-batches a stage-3 step ran
+those zero-fills, scatters and adds 12 times: about 20 ms of a 709 ms step on an H200, for
+gradients that touch at most 32k rows of a table per micro-batch (benchmarks/results/README.md).
+
+Here backward sorts the micro-batch's ids and one program per distinct row sums that row's
+gradients in fp32, rounds the sum to the table's dtype, and adds it to `.grad[row]` (the add in
+fp32, rounded once): the numbers of a dense gradient rounded once and then added, which is what
+the record computes for the token and bigram tables (PyTorch's embedding backward sums in fp32,
+then rounds), and for the value-embedding tables on a GPU without bf16 atomics (an RTX 4090:
+PyTorch's index_put sums in fp32 per row); on Hopper the record's compiled value-embedding
+backward adds in bf16 atomics instead, a rounding per token. The fp32 sums run in a fixed order,
+so the result is reproducible. Rows no id touches keep their gradient bits.
+
+Gradients reach the table outside autograd's accumulation (backward returns None for the table and
+writes `.grad` itself), so hooks on the table never fire; the trainer registers none.
+MODE = "autograd" restores plain indexing (a benchmark switch, benchmarks/switches.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path below
+    triton = None
+
+MODE = "accumulate"      # accumulate | autograd
+# (sorted positions per program, columns per program, warps, sums by a matrix product rather than
+# a scan): benchmarks.gpu_checks --only record_lookup times others
+TILE = (32, 256, 4, True)
+
+
+if triton is not None:
+    @triton.jit
+    def _segmented_add(a, a_starts, b, b_starts):
+        """Combine of a segmented inclusive sum: a run restarts where `starts` is set."""
+        return tl.where(b_starts, b, a + b), a_starts | b_starts
+
+    @triton.jit
+    def _add_segments_kernel(grad_table, grad_rows, sorted_ids, order, n, D,
+                             ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        """Program (t, c): the ROWS sorted positions of tile t, columns block c. Every run of equal
+        ids that starts in this tile is summed in fp32 (a segmented scan over the tile; a run that
+        goes on past the tile is followed tile by tile), rounded to grad_table's dtype and added
+        to grad_table[id]. Runs that started in an earlier tile belong to that tile's program.
+        DOT: the tile's sums as one fp32 matrix product instead of the scan."""
+        t = tl.program_id(0)
+        js = t * ROWS + tl.arange(0, ROWS)
+        inside = js < n
+        ids = tl.load(sorted_ids + js, mask=inside, other=-1)
+        prev = tl.load(sorted_ids + js - 1, mask=inside & (js > 0), other=-2)
+        nxt = tl.load(sorted_ids + js + 1, mask=js + 1 < n, other=-3)
+        starts = inside & (ids != prev)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        src = tl.load(order + js, mask=inside, other=0).to(tl.int64)
+        vals = tl.load(grad_rows + src[:, None] * D + cols[None, :], mask=inside[:, None] & col_ok[None, :],
+                       other=0.0).to(tl.float32)
+        if DOT:   # each position's run total so far as a product: same_run[i, j] (j <= i) @ vals
+            run = tl.cumsum(starts.to(tl.int32), 0)   # which run of the tile (0: one from before)
+            k = tl.arange(0, ROWS)
+            upto = (run[:, None] == run[None, :]) & (k[None, :] <= k[:, None])
+            sums = tl.dot(upto.to(tl.float32), vals, input_precision="ieee")
+            started = tl.broadcast_to((run > 0)[:, None], (ROWS, BLOCK_D))
+        else:
+            sums, started = tl.associative_scan((vals, tl.broadcast_to(starts[:, None], (ROWS, BLOCK_D))), 0,
+                                                _segmented_add)
+        own = started & (inside & (ids != nxt))[:, None]   # the run ends here and started in this tile
+        dst = grad_table + ids.to(tl.int64)[:, None] * D + cols[None, :]
+        keep = own & col_ok[None, :]
+        old = tl.load(dst, mask=keep, other=0.0).to(tl.float32)
+        new = old + sums.to(grad_table.dtype.element_ty).to(tl.float32)
+        tl.store(dst, new.to(grad_table.dtype.element_ty), mask=keep)
+        # the tile's last run, if it started here and goes on: follow it through the next tiles
+        last = tl.arange(0, ROWS) == ROWS - 1
+        row = tl.sum(tl.where(last, ids, 0), axis=0)
+        goes_on = tl.sum(tl.where(last & inside & (ids == nxt), 1, 0), axis=0) > 0
+        goes_on = goes_on & (tl.sum(tl.where(last[:, None] & started, 1, 0)) > 0)
+        if goes_on:
+            acc = tl.sum(tl.where(last[:, None], sums, 0.0), axis=0)
+            start = (t + 1) * ROWS
+            more = row >= 0
+            while more:
+                ks = start + tl.arange(0, ROWS)
+                same = tl.load(sorted_ids + ks, mask=ks < n, other=-1) == row
+                src = tl.load(order + ks, mask=same, other=0).to(tl.int64)
+                v = tl.load(grad_rows + src[:, None] * D + cols[None, :], mask=same[:, None] & col_ok[None, :],
+                            other=0.0)
+                acc += tl.sum(v.to(tl.float32), axis=0)
+                start += ROWS
+                more = tl.sum(same.to(tl.int32), axis=0) == ROWS
+            out = grad_table + row.to(tl.int64) * D + cols
+            total = tl.load(out, mask=col_ok, other=0.0).to(tl.float32) + acc.to(grad_table.dtype.element_ty).to(tl.float32)
+            tl.store(out, total.to(grad_table.dtype.element_ty), mask=col_ok)
+
+
+def _use_kernel(t: Tensor) -> bool:
+    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def add_rows(grad_table: Tensor, ids: Tensor, grad_rows: Tensor, tile: tuple | None = None) -> None:
+    """grad_table[r] += round(sum of grad_rows[k] for ids[k] == r), for every distinct r in ids:
+    the sum in fp32, rounded to grad_table's dtype, then added in fp32 and rounded again."""
+    flat = ids.reshape(-1)
+    rows = grad_rows.reshape(flat.numel(), grad_table.size(1))
+    if not _use_kernel(grad_table):
+        sums = torch.zeros(grad_table.shape, dtype=torch.float32, device=grad_table.device)
+        sums.index_add_(0, flat, rows.float())
+        touched = torch.unique(flat)
+        new = grad_table[touched].float() + sums[touched].to(grad_table.dtype).float()
+        grad_table[touched] = new.to(grad_table.dtype)
+        return
+    sorted_ids, order = torch.sort(flat)
+    D = grad_table.size(1)
+    n_rows, block_d, warps, dot = tile or TILE
+    _add_segments_kernel[(triton.cdiv(flat.numel(), n_rows), triton.cdiv(D, block_d))](
+        grad_table, rows.contiguous(), sorted_ids, order, flat.numel(), D, ROWS=n_rows, BLOCK_D=block_d,
+        DOT=dot, num_warps=warps)
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.table = table
+        return table.detach()[ids]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        table = ctx.table
+        if table.grad is None:   # the first micro-batch since the optimizer took the gradient
+            table.grad = torch.zeros_like(table)
+        add_rows(table.grad, ids, grad)
+        return None, None
+
+
+def lookup(table: Tensor, ids: Tensor) -> Tensor:
+    """table[ids] ([*ids.shape, dim]); in training the gradient is added into table.grad in place."""
+    if MODE == "accumulate" and torch.is_grad_enabled() and table.requires_grad:
+        return _Lookup.apply(table, ids)
+    return table[ids]
