@@ -18,7 +18,8 @@
 
 checks the record recipe's FP8 head alone (its loss kernel, its tiled transpose) and times it;
 `--only record_mlp` the record recipe's MLP backward, pointwise vs fused d(pre); `--only record_dc`
-its DC correction with fp32 vs bf16 GEMMs.
+its DC correction with fp32 vs bf16 GEMMs; `--only record_lookup` its tables' in-place gradient
+rows against the dense path.
 """
 from __future__ import annotations
 
@@ -520,10 +521,55 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
     return out
 
 
+LOOKUP_TILES = [(32, 256, 4, True), (32, 256, 4, False), (32, 128, 4, True), (64, 128, 4, True), (16, 256, 4, True), (32, 64, 2, True)]
+
+
+def check_record_lookup(tokens: int = 32768, vocab: int = 50304, dim: int = 768) -> dict:
+    """The record recipe's table-gradient rows (record/lookup.py) per micro-batch, at the training
+    shape of each table: the value embeddings (5 tables, 5 x 32k ids), the bigram table (377,280
+    rows, near-uniform ids), the token embedding (Zipf-like ids: frequent rows have thousands of
+    gradient rows). Bit equality with a dense fp32 sum rounded once (integer-valued gradients, so
+    that every order sums exactly), then ms per micro-batch for each tile of LOOKUP_TILES against
+    the dense path that autograd takes (a table-sized fp32 index_put, its bf16 cast, and the bf16
+    add into .grad)."""
+    from speedrun.record import lookup as lk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ranks = torch.arange(1, vocab + 1, device="cuda", dtype=torch.float64)
+    zipf = torch.multinomial(1 / ranks, tokens, replacement=True, generator=g).to(torch.int32)
+    cases = {"value_embeds": (5 * vocab, zipf[None] + torch.arange(5, device="cuda", dtype=torch.int32)[:, None] * vocab),
+             "bigram": (377280, torch.randint(0, 377280, (tokens,), device="cuda", generator=g, dtype=torch.int32)),
+             "embed": (vocab, zipf)}
+    out = {"tokens": tokens, "dim": dim}
+    for name, (rows, ids) in cases.items():
+        flat = ids.reshape(-1)
+        grads = (torch.randint(-64, 65, (flat.numel(), dim), device="cuda", generator=g) * 2.0 ** -4).bfloat16()
+        start = torch.randn(rows, dim, device="cuda", generator=g).bfloat16()
+
+        def dense(grad):
+            d = torch.zeros(rows, dim, device="cuda").index_put_((flat.long(),), grads.float(), accumulate=True)
+            grad.add_(d.bfloat16())
+
+        expected = start.clone()
+        dense(expected)
+        res = {"ids": flat.numel(), "distinct": int(torch.unique(flat).numel())}
+        for tile in LOOKUP_TILES:
+            got = start.clone()
+            lk.add_rows(got, flat, grads, tile)
+            key = "x".join(map(str, tile))
+            res[key] = {"equal": bool(torch.equal(got, expected)),
+                        "ms": round(_cuda_ms(lambda: lk.add_rows(got, flat, grads, tile), reps=10), 4)}
+        work = start.clone()
+        res["dense_ms"] = round(_cuda_ms(lambda: dense(work), reps=10), 4)
+        res["sort_ms"] = round(_cuda_ms(lambda: torch.sort(flat), reps=10), 4)
+        out[name] = res
+    return out
+
+
 def main() -> None:
     import argparse
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["record_head", "record_mlp", "record_dc"], default=None,
+    ap.add_argument("--only", choices=["record_head", "record_mlp", "record_dc", "record_lookup"], default=None,
                     help="one check instead of all")
     ap.add_argument("--baseline", default=None, help="record_head: another loss.py to time beside ours")
     args = ap.parse_args()
@@ -535,6 +581,9 @@ def main() -> None:
         return
     if args.only == "record_dc":
         print(json.dumps(check_record_dc()))
+        return
+    if args.only == "record_lookup":
+        print(json.dumps(check_record_lookup()))
         return
     masks = check_masks()
     worst = worst_of(m["rel_err"] for m in masks)

@@ -46,6 +46,12 @@ VARIANTS = {
     # the DC correction's products as fp32 GEMMs on CUDA cores (record/dc.py MATMUL), the default's
     # bf16 tensor-core GEMMs undone: -2% on an H200
     "record_dc_fp32": {"recipe": "record", "dc_matmul": "fp32"},
+    # the tables' gradients through autograd (record/lookup.py MODE): a dense table-sized gradient
+    # per micro-batch and a bf16 add of it into .grad, the default's in-place rows undone
+    "record_autograd_tables": {"recipe": "record", "table_grads": "autograd"},
+    # the head's logits 16,384 rows at a time (record/loss.py HEAD_CHUNK_ROWS), twice the default's
+    # chunk: fewer fp32 adds of the head's weight gradient, 1.5 GB more memory
+    "record_head_chunk16k": {"recipe": "record", "head_chunk_rows": 16384},
     # the record's own code (.reference/, fetched by benchmarks.reference) on the same synthetic tokens
     "reference": {"recipe": "reference"},
     # the previous recipe (train.recipe: classic): overrides of params.yaml's train section
