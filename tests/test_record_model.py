@@ -3,9 +3,11 @@ gradient, the FP8 weight state, the optimizer's bf16 + mantissa arithmetic, tyin
 (Equality with the record's own code is benchmarks/reference.py's job on a GPU machine.)"""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from speedrun.record import loss as L
@@ -433,3 +435,38 @@ def test_head_kernels_in_the_triton_interpreter():
     assert res["target_cols_err"] < 1e-5, res
     assert res["chunked_loss_equal"] and max(res["chunked_grad_errs"]) < 1e-2, res
     assert res["mlp_fused_kernel"] and max(res["mlp_bwd_errs"]) < 1e-5, res
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's compiler")
+def test_our_triton_kernels_fit_an_8_9_cards_shared_memory():
+    """The record recipe's own Triton kernels that an RTX 4090 runs (the head's loss kernel and
+    transpose, the tables' gradient rows), compiled for compute capability 8.9 at their training
+    shapes with Triton's own compiler (no GPU needed): the shared memory each block asks for is
+    within what an 8.9 block may use, so none fails to launch there as FlexAttention's forward did."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from speedrun.record import lookup, loss
+    from speedrun.record.attention import SMALL_SHARED_MEMORY
+
+    def shared(fn, signature, constexprs, warps):
+        src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                                        constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", 89, 32), options={"num_warps": warps}).metadata.shared
+
+    rows, block_d, warps, dot = lookup.TILE
+    sizes = {
+        "loss": shared(loss._loss_kernel, {
+            "logits_ptr": "*bf16", "grad_ptr": "*fp8e5", "targets_ptr": "*i64", "mtp_ptr": "*fp32",
+            "prefix_ptr": "*i64", "prefix_w_ptr": "*fp32", "loss_ptr": "*fp32", "N": "i32", "inv_c": "fp32",
+            "b_div_c": "fp32", "a": "fp32", "coef": "fp32"},
+            {"V": 50304, "N_PRED": 3, "WITH_GRAD": True, "FAST": True, "EXACT_ROUND": False,
+             "BLOCK": loss.LOSS_BLOCK}, loss.LOSS_WARPS),
+        "transpose": shared(loss._transpose_kernel, {"src_ptr": "*i8", "dst_ptr": "*i8", "M": "i32", "N": "i32"},
+                            {"BLOCK_M": 64, "BLOCK_N": 128}, 8),
+        "table rows": shared(lookup._add_segments_kernel, {
+            "grad_table": "*bf16", "grad_rows": "*bf16", "sorted_ids": "*i32", "order": "*i64", "n": "i32",
+            "D": "i32"}, {"ROWS": rows, "BLOCK_D": block_d, "DOT": dot}, warps),
+    }
+    limit = SMALL_SHARED_MEMORY[(8, 9)]
+    assert all(0 <= b <= limit for b in sizes.values()), sizes
