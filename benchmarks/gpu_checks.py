@@ -521,7 +521,7 @@ def check_embedding(tokens: int = 32768, vocab: int = 50304, dim: int = 768, tab
     return out
 
 
-LOOKUP_TILES = [(32, 256, 4, True), (32, 256, 4, False), (32, 128, 4, True), (64, 128, 4, True), (16, 256, 4, True), (32, 64, 2, True)]
+LOOKUP_TILES = [(32, 256, 4), (32, 128, 4), (16, 256, 4), (32, 64, 2)]
 
 
 def check_record_lookup(tokens: int = 32768, vocab: int = 50304, dim: int = 768) -> dict:

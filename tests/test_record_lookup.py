@@ -94,7 +94,7 @@ from tests.test_record_lookup import _micro_batches, dense_reference
 
 assert lk._use_kernel(torch.zeros(1))
 # the default tile, and one of 16 columns (several column blocks, the last one ragged)
-for (dtype, D), tile in itertools.product(((torch.float16, 40), (torch.float32, 32)), (None, (8, 16, 1, False), (16, 16, 1, True), (4, 64, 1, False))):
+for (dtype, D), tile in itertools.product(((torch.float16, 40), (torch.float32, 32)), (None, (16, 16, 1), (16, 64, 2))):
     V = 50
     # rows of 11-bit integers times 2^-10 (exact in fp16): every fp32 sum is exact in any order,
     # and rounding the sums to fp16 loses bits, so the kernel must round where the reference does

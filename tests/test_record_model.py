@@ -454,7 +454,7 @@ def test_our_triton_kernels_fit_an_8_9_cards_shared_memory():
                                         constexprs=constexprs)
         return triton.compile(src, target=GPUTarget("cuda", 89, 32), options={"num_warps": warps}).metadata.shared
 
-    rows, block_d, warps, dot = lookup.TILE
+    rows, block_d, warps = lookup.TILE
     sizes = {
         "loss": shared(loss._loss_kernel, {
             "logits_ptr": "*bf16", "grad_ptr": "*fp8e5", "targets_ptr": "*i64", "mtp_ptr": "*fp32",
@@ -466,7 +466,7 @@ def test_our_triton_kernels_fit_an_8_9_cards_shared_memory():
                             {"BLOCK_M": 64, "BLOCK_N": 128}, 8),
         "table rows": shared(lookup._add_segments_kernel, {
             "grad_table": "*bf16", "grad_rows": "*bf16", "sorted_ids": "*i32", "order": "*i64", "n": "i32",
-            "D": "i32"}, {"ROWS": rows, "BLOCK_D": block_d, "DOT": dot}, warps),
+            "D": "i32"}, {"ROWS": rows, "BLOCK_D": block_d}, warps),
     }
     limit = SMALL_SHARED_MEMORY[(8, 9)]
     assert all(0 <= b <= limit for b in sizes.values()), sizes

@@ -35,25 +35,20 @@ except ImportError:  # CPU-only installs: the PyTorch path below
     triton = None
 
 MODE = "accumulate"      # accumulate | autograd
-# (sorted positions per program, columns per program, warps, sums by a matrix product rather than
-# a scan): benchmarks.gpu_checks --only record_lookup times others
-TILE = (32, 256, 4, True)
+# (sorted positions per program, columns per program, warps): benchmarks.gpu_checks --only
+# record_lookup times others
+TILE = (32, 256, 4)
 
 
 if triton is not None:
     @triton.jit
-    def _segmented_add(a, a_starts, b, b_starts):
-        """Combine of a segmented inclusive sum: a run restarts where `starts` is set."""
-        return tl.where(b_starts, b, a + b), a_starts | b_starts
-
-    @triton.jit
     def _add_segments_kernel(grad_table, grad_rows, sorted_ids, order, n, D,
-                             ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                             ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """Program (t, c): the ROWS sorted positions of tile t, columns block c. Every run of equal
-        ids that starts in this tile is summed in fp32 (a segmented scan over the tile; a run that
-        goes on past the tile is followed tile by tile), rounded to grad_table's dtype and added
-        to grad_table[id]. Runs that started in an earlier tile belong to that tile's program.
-        DOT: the tile's sums as one fp32 matrix product instead of the scan."""
+        ids that starts in this tile is summed in fp32 (within the tile as one fp32 matrix product,
+        which measured faster than a segmented scan; a run that goes on past the tile is followed
+        tile by tile), rounded to grad_table's dtype and added to grad_table[id]. Runs that started
+        in an earlier tile belong to that tile's program."""
         t = tl.program_id(0)
         js = t * ROWS + tl.arange(0, ROWS)
         inside = js < n
@@ -66,15 +61,12 @@ if triton is not None:
         src = tl.load(order + js, mask=inside, other=0).to(tl.int64)
         vals = tl.load(grad_rows + src[:, None] * D + cols[None, :], mask=inside[:, None] & col_ok[None, :],
                        other=0.0).to(tl.float32)
-        if DOT:   # each position's run total so far as a product: same_run[i, j] (j <= i) @ vals
-            run = tl.cumsum(starts.to(tl.int32), 0)   # which run of the tile (0: one from before)
-            k = tl.arange(0, ROWS)
-            upto = (run[:, None] == run[None, :]) & (k[None, :] <= k[:, None])
-            sums = tl.dot(upto.to(tl.float32), vals, input_precision="ieee")
-            started = tl.broadcast_to((run > 0)[:, None], (ROWS, BLOCK_D))
-        else:
-            sums, started = tl.associative_scan((vals, tl.broadcast_to(starts[:, None], (ROWS, BLOCK_D))), 0,
-                                                _segmented_add)
+        # each position's run total so far: same_run[i, j] (j <= i) @ vals
+        run = tl.cumsum(starts.to(tl.int32), 0)   # which run of the tile (0: one from before)
+        k = tl.arange(0, ROWS)
+        upto = (run[:, None] == run[None, :]) & (k[None, :] <= k[:, None])
+        sums = tl.dot(upto.to(tl.float32), vals, input_precision="ieee")
+        started = tl.broadcast_to((run > 0)[:, None], (ROWS, BLOCK_D))
         own = started & (inside & (ids != nxt))[:, None]   # the run ends here and started in this tile
         dst = grad_table + ids.to(tl.int64)[:, None] * D + cols[None, :]
         keep = own & col_ok[None, :]
@@ -122,10 +114,10 @@ def add_rows(grad_table: Tensor, ids: Tensor, grad_rows: Tensor, tile: tuple | N
         return
     sorted_ids, order = torch.sort(flat)
     D = grad_table.size(1)
-    n_rows, block_d, warps, dot = tile or TILE
+    n_rows, block_d, warps = tile or TILE
     _add_segments_kernel[(triton.cdiv(flat.numel(), n_rows), triton.cdiv(D, block_d))](
         grad_table, rows.contiguous(), sorted_ids, order, flat.numel(), D, ROWS=n_rows, BLOCK_D=block_d,
-        DOT=dot, num_warps=warps)
+        num_warps=warps)
 
 
 class _Lookup(torch.autograd.Function):
