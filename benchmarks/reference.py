@@ -633,7 +633,7 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
                    validation: bool, all_floors: list) -> tuple[bool, list]:
     from speedrun.record import model as our_model
     from speedrun.record.loader import DocumentBatches, ValidationChunks
-    from speedrun.record.model import RecordConfig, build
+    from speedrun.record.model import RecordConfig, build, compile_hidden_states
     from speedrun.shards import shard_paths
 
     dev = ref.device
@@ -658,7 +658,7 @@ def _check_forward(ref, shards: Path, report: Report, seed: int, max_seq_len: in
         om.refresh_fp8(bootstrap=True)
         if twin is not None:
             twin.quantize_mlp_fp8(bootstrap_down=True)
-    compiled = torch.compile(om.hidden_states, dynamic=False, fullgraph=True) if compile_ours else None
+    compiled = compile_hidden_states(om) if compile_ours else None   # as the trainer compiles it
     train = shard_paths(shards, "train")
     ok_all, out, tols = True, {}, {}
     # both legitimate spreads are measured at every configuration: a spread taken at stage 1 and

@@ -163,3 +163,21 @@ def test_model_table_gradients_are_the_rounded_dense_sums_and_the_rest_is_unchan
             torch.testing.assert_close(g.float(), expected.float(), rtol=0.2, atol=4e-3)
         else:
             assert torch.equal(grads["accumulate"][name], g), name
+
+
+def test_compiled_hidden_states_compile_only_what_follows_the_lookups(monkeypatch):
+    """The trainer's and the forward check's compiled model: torch.compile gets hidden_from_rows
+    (the lookups, whose backward writes .grad, stay eager) and the composition computes what
+    hidden_states computes (torch.compile stubbed: the CPU path's dense masks do not compile)."""
+    from speedrun.record.model import build, compile_hidden_states
+    from tests.test_record_model import TINY, _batch, _tensors
+
+    model = build(TINY, torch.device("cpu"), fp8=False, seed=0)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(fn) or fn)
+    hidden = compile_hidden_states(model)
+    assert compiled == [model.hidden_from_rows]
+    x, y, bg, cu = _tensors(_batch(seed=0))
+    m = model.masks(cu, x.numel())
+    args = (m[("short", False)], m[("long", False)], m[("short", True)], m.doc, False)
+    assert torch.equal(hidden(x, bg, *args), model.hidden_states(x, bg, *args))

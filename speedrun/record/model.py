@@ -442,6 +442,17 @@ class RecordGPT(nn.Module):
         return rescale(hidden @ self.lm_head.weight).float()
 
 
+def compile_hidden_states(model: RecordGPT):
+    """model.hidden_states with everything after the table lookups compiled into one graph. The
+    lookups stay eager: in training their backward writes the tables' .grad itself (lookup.py),
+    which a compiled graph cannot trace."""
+    from_rows = torch.compile(model.hidden_from_rows, dynamic=False, fullgraph=True)
+
+    def hidden_states(inputs: Tensor, bigram_inputs: Tensor, *rest, **options) -> Tensor:
+        return from_rows(inputs, *model.table_rows(inputs, bigram_inputs), *rest, **options)
+    return hidden_states
+
+
 def build(cfg: RecordConfig, device: torch.device, fp8: bool, seed: int | None = None) -> RecordGPT:
     """The record's model: drawn on the CPU (so a seed gives the record's weights), then moved."""
     if seed is not None:

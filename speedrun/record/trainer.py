@@ -35,7 +35,7 @@ from ..shards import shard_paths
 from ..train_params import TrainParams, tiny_run_sizes
 from . import schedule as sch
 from .loader import DocumentBatches, ValidationChunks
-from .model import GRAD_SCALE, RecordConfig, build, flops_per_token, param_count
+from .model import GRAD_SCALE, RecordConfig, build, compile_hidden_states, flops_per_token, param_count
 from .optimizer import Hyper, NorMuonAdam
 
 FORMAT = "record-1"
@@ -235,11 +235,10 @@ class RecordRun(TrainingLoop):
         self.hyper = Hyper(muon_lr=r.muon_lr, muon_beta2=r.muon_beta2, muon_weight_decay=r.muon_weight_decay,
                            adam_lr=r.adam_lr, adam_weight_decay=r.adam_weight_decay)
         self.opt = NorMuonAdam(self.model, self.hyper, compile=self.p.compile)
-        # the table lookups run outside the compiled graph (their gradients go into .grad in place)
-        self.from_rows = self.model.hidden_from_rows
+        self.hidden_states = self.model.hidden_states
         if self.p.compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.from_rows = torch.compile(self.model.hidden_from_rows, dynamic=False, fullgraph=True)
+            self.hidden_states = compile_hidden_states(self.model)
         d = self.device
         self._mtp = torch.zeros(sch.MTP_SLOTS, device=d)
         self._prefix = torch.zeros(1, device=d)
@@ -249,10 +248,8 @@ class RecordRun(TrainingLoop):
 
     def hidden(self, x: torch.Tensor, bg: torch.Tensor, cu: torch.Tensor, fp8: bool) -> torch.Tensor:
         """The final normed state of one micro-batch (inputs, bigram ids, cu_seqlens on the device)."""
-        model = self.model
-        m = model.masks(cu, x.numel())
-        return self.from_rows(x, *model.table_rows(x, bg), m[("short", False)], m[("long", False)],
-                              m[("short", True)], m.doc, fp8)
+        m = self.model.masks(cu, x.numel())
+        return self.hidden_states(x, bg, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, fp8)
 
     def _micro(self, plan) -> int:
         return self.T or plan.batch_tokens // 8
