@@ -92,7 +92,7 @@ import torch
 from speedrun.record import lookup as lk
 from tests.test_record_lookup import _micro_batches, dense_reference
 
-assert lk._use_kernel(torch.zeros(1))
+assert lk.kernel_available(torch.zeros(1))
 # the default tile, and one of 16 columns (several column blocks, the last one ragged)
 for (dtype, D), tile in itertools.product(((torch.float16, 40), (torch.float32, 32)), (None, (16, 16, 1), (16, 64, 2))):
     V = 50

@@ -23,10 +23,10 @@ MODE = "autograd" restores plain indexing (a benchmark switch, benchmarks/switch
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
+
+from .loss import kernel_available
 
 try:
     import triton
@@ -42,6 +42,13 @@ TILE = (32, 256, 4)
 
 if triton is not None:
     @triton.jit
+    def _add_rounded(dst, sums, mask):
+        """dst += sums rounded to dst's dtype (the add in fp32, rounded once more)."""
+        dtype = dst.dtype.element_ty
+        old = tl.load(dst, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst, (old + sums.to(dtype).to(tl.float32)).to(dtype), mask=mask)
+
+    @triton.jit
     def _add_segments_kernel(grad_table, grad_rows, sorted_ids, order, n, D,
                              ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """Program (t, c): the ROWS sorted positions of tile t, columns block c. Every run of equal
@@ -50,40 +57,33 @@ if triton is not None:
         tile by tile), rounded to grad_table's dtype and added to grad_table[id]. Runs that started
         in an earlier tile belong to that tile's program."""
         t = tl.program_id(0)
-        js = t * ROWS + tl.arange(0, ROWS)
+        k = tl.arange(0, ROWS)
+        js = t * ROWS + k
         inside = js < n
         ids = tl.load(sorted_ids + js, mask=inside, other=-1)
         prev = tl.load(sorted_ids + js - 1, mask=inside & (js > 0), other=-2)
         nxt = tl.load(sorted_ids + js + 1, mask=js + 1 < n, other=-3)
-        starts = inside & (ids != prev)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         src = tl.load(order + js, mask=inside, other=0).to(tl.int64)
         vals = tl.load(grad_rows + src[:, None] * D + cols[None, :], mask=inside[:, None] & col_ok[None, :],
                        other=0.0).to(tl.float32)
         # each position's run total so far: same_run[i, j] (j <= i) @ vals
-        run = tl.cumsum(starts.to(tl.int32), 0)   # which run of the tile (0: one from before)
-        k = tl.arange(0, ROWS)
+        run = tl.cumsum((inside & (ids != prev)).to(tl.int32), 0)   # which run of the tile (0: one from before)
         upto = (run[:, None] == run[None, :]) & (k[None, :] <= k[:, None])
         sums = tl.dot(upto.to(tl.float32), vals, input_precision="ieee")
-        started = tl.broadcast_to((run > 0)[:, None], (ROWS, BLOCK_D))
-        own = started & (inside & (ids != nxt))[:, None]   # the run ends here and started in this tile
-        dst = grad_table + ids.to(tl.int64)[:, None] * D + cols[None, :]
-        keep = own & col_ok[None, :]
-        old = tl.load(dst, mask=keep, other=0.0).to(tl.float32)
-        new = old + sums.to(grad_table.dtype.element_ty).to(tl.float32)
-        tl.store(dst, new.to(grad_table.dtype.element_ty), mask=keep)
+        started = inside & (run > 0)
+        own = started & (ids != nxt)   # the run ends here and started in this tile
+        _add_rounded(grad_table + ids.to(tl.int64)[:, None] * D + cols[None, :], sums, own[:, None] & col_ok[None, :])
         # the tile's last run, if it started here and goes on: follow it through the next tiles
-        last = tl.arange(0, ROWS) == ROWS - 1
-        row = tl.sum(tl.where(last, ids, 0), axis=0)
-        goes_on = tl.sum(tl.where(last & inside & (ids == nxt), 1, 0), axis=0) > 0
-        goes_on = goes_on & (tl.sum(tl.where(last[:, None] & started, 1, 0)) > 0)
-        if goes_on:
+        last = k == ROWS - 1
+        if tl.sum(tl.where(last & started & (ids == nxt), 1, 0), axis=0) > 0:
+            row = tl.sum(tl.where(last, ids, 0), axis=0)
             acc = tl.sum(tl.where(last[:, None], sums, 0.0), axis=0)
             start = (t + 1) * ROWS
             more = row >= 0
             while more:
-                ks = start + tl.arange(0, ROWS)
+                ks = start + k
                 same = tl.load(sorted_ids + ks, mask=ks < n, other=-1) == row
                 src = tl.load(order + ks, mask=same, other=0).to(tl.int64)
                 v = tl.load(grad_rows + src[:, None] * D + cols[None, :], mask=same[:, None] & col_ok[None, :],
@@ -91,13 +91,7 @@ if triton is not None:
                 acc += tl.sum(v.to(tl.float32), axis=0)
                 start += ROWS
                 more = tl.sum(same.to(tl.int32), axis=0) == ROWS
-            out = grad_table + row.to(tl.int64) * D + cols
-            total = tl.load(out, mask=col_ok, other=0.0).to(tl.float32) + acc.to(grad_table.dtype.element_ty).to(tl.float32)
-            tl.store(out, total.to(grad_table.dtype.element_ty), mask=col_ok)
-
-
-def _use_kernel(t: Tensor) -> bool:
-    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            _add_rounded(grad_table + row.to(tl.int64) * D + cols, acc, col_ok)
 
 
 def add_rows(grad_table: Tensor, ids: Tensor, grad_rows: Tensor, tile: tuple | None = None) -> None:
@@ -105,7 +99,7 @@ def add_rows(grad_table: Tensor, ids: Tensor, grad_rows: Tensor, tile: tuple | N
     the sum in fp32, rounded to grad_table's dtype, then added in fp32 and rounded again."""
     flat = ids.reshape(-1)
     rows = grad_rows.reshape(flat.numel(), grad_table.size(1))
-    if not _use_kernel(grad_table):
+    if not kernel_available(grad_table):
         sums = torch.zeros(grad_table.shape, dtype=torch.float32, device=grad_table.device)
         sums.index_add_(0, flat, rows.float())
         touched = torch.unique(flat)

@@ -265,7 +265,8 @@ class RecordGPT(nn.Module):
         """The table lookups of a micro-batch: (token embeddings [T, dim], the five value
         embeddings [5, T, dim], bigram embeddings [T, dim]). Outside the compiled graph in
         training, so that their gradients go straight into the tables' .grad (lookup.py)."""
-        first_rows = torch.arange(5, device=inputs.device, dtype=inputs.dtype) * self.cfg.vocab_size
+        V = self.cfg.vocab_size
+        first_rows = torch.arange(0, 5 * V, V, device=inputs.device, dtype=inputs.dtype)
         ve_ids = inputs[None] + first_rows[:, None]   # the rows of the five tables in value_embeds
         return (lookup(self.embed.weight, inputs), lookup(self.value_embeds, ve_ids),
                 lookup(self.bigram_embed.weight, bigram_inputs))
