@@ -17,7 +17,8 @@
     python -m benchmarks.gpu_checks --only record_head [--baseline OLD_LOSS_PY]
 
 checks the record recipe's FP8 head alone (its loss kernel, its tiled transpose) and times it;
-`--only record_mlp` the record recipe's MLP backward, pointwise vs fused d(pre); `--only record_dc`
+`--only record_mlp` the record recipe's MLP backward, pointwise vs fused d(pre); `--only
+record_mlp_fwd` its FP8 up projection, fused vs _scaled_mm + Inductor's kernels; `--only record_dc`
 its DC correction with fp32 vs bf16 GEMMs; `--only record_lookup` its tables' in-place gradient
 rows against the dense path.
 """
@@ -346,9 +347,53 @@ def check_record_mlp_backward(M: int = 16384, D: int = 768, H: int = 3072, devic
     return out
 
 
+def check_record_mlp_forward(M: int = 32768, D: int = 768, H: int = 3072, device: str = "cuda") -> dict:
+    """The record recipe's FP8 up projection at a training micro-batch: the fused kernel
+    (record/mlp.py FORWARD = "fused", speedrun/mlp.py linear_relu2_fp8_quant) vs _scaled_mm and
+    the pointwise kernel + amax that torch.compile makes of the record's formulas (the pointwise
+    path, compiled as in training). How many elements of post and of its e4m3 copy agree bit for
+    bit (the two matmuls sum in different orders), each path's error against the fp32 product
+    of the same e4m3 operands, the amaxes, and the times."""
+    import speedrun.mlp as fused_mlp
+    from speedrun.record.mlp import ACT_HEADROOM, E4M3_MAX
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, D, device=device, generator=g).bfloat16()
+    w1 = ((torch.rand(H, D, device=device, generator=g) * 2 - 1) * (3 ** 0.5 * 0.5 * D ** -0.5)).bfloat16()
+    x_amax = x.abs().max().float()
+    x_f8 = (x * (E4M3_MAX / x_amax)).to(torch.float8_e4m3fn)
+    w1_scale = (w1.abs().max().float() / E4M3_MAX).reshape(1)
+    w1_f8 = (w1 / w1_scale).to(torch.float8_e4m3fn)
+    dequant = (w1_scale * x_amax / E4M3_MAX).float()
+
+    def pointwise(x_f8, w1_f8, dequant, act_scale):
+        pre = torch._scaled_mm(x_f8, w1_f8.t(), scale_a=dequant, scale_b=torch.ones_like(dequant),
+                               out_dtype=torch.bfloat16)
+        post = torch.relu(pre).square()
+        post_f8 = torch.clamp_max(post * (1.0 / act_scale), E4M3_MAX).to(torch.float8_e4m3fn)
+        return post, post_f8, post.detach().amax().float()
+
+    compiled = torch.compile(pointwise, fullgraph=True, dynamic=False)
+    exact = torch.relu((x_f8.float() @ w1_f8.float().t()) * dequant).square()
+    act_scale = (exact.max() * ACT_HEADROOM / E4M3_MAX).reshape(1)   # the delayed scale's headroom
+    ref = compiled(x_f8, w1_f8, dequant, act_scale)
+    got = fused_mlp.linear_relu2_fp8_quant(x_f8, w1_f8, dequant, act_scale)
+    out = {"tokens": M}
+    out["post_equal_fraction"] = (got[0] == ref[0]).float().mean().item()
+    out["post_f8_equal_fraction"] = (got[1].view(torch.uint8) == ref[1].view(torch.uint8)).float().mean().item()
+    out["amax"] = {"fused": got[2].item(), "pointwise": ref[2].item()}
+    out["post_rel_err_vs_fp32"] = {"fused": rel_diff(got[0], exact), "pointwise": rel_diff(ref[0], exact)}
+    out["fused_ms"] = round(_cuda_ms(lambda: fused_mlp.linear_relu2_fp8_quant(x_f8, w1_f8, dequant, act_scale)), 4)
+    out["pointwise_ms"] = round(_cuda_ms(lambda: compiled(x_f8, w1_f8, dequant, act_scale)), 4)
+    out["scaled_mm_alone_ms"] = round(_cuda_ms(lambda: torch._scaled_mm(
+        x_f8, w1_f8.t(), scale_a=dequant, scale_b=torch.ones_like(dequant), out_dtype=torch.bfloat16)), 4)
+    return out
+
+
 def check_record_dc(T: int = 16384, H: int = 6, D: int = 128, device: str = "cuda", compile: bool = True) -> dict:
     """The record recipe's DC correction (record/dc.py) at a training micro-batch, its products as
-    fp32 GEMMs (MATMUL="fp32") vs bf16 tensor-core GEMMs with fp32 outputs ("bf16", the default):
+    fp32 GEMMs (MATMUL="fp32") vs bf16 tensor-core GEMMs with fp32 outputs ("bf16", the default),
+    then its head mix as one einsum (MIX="einsum") vs the default's sum:
     forward bit agreement compiled and eager (the sums' order only: on an H200 the eager paths
     agree on 99.98% of outputs, the compiled fp32 path with its own eager run on 83.5%), each
     gradient's relative difference (the score gradient's bf16 rounding in q and k), compiled
@@ -393,6 +438,15 @@ def check_record_dc(T: int = 16384, H: int = 6, D: int = 128, device: str = "cud
     for mode, prod in (("bf16", lambda: dc._bmm_fp32_out(a, b)), ("fp32", lambda: torch.bmm(a.float(), b.float()))):
         out[f"{mode}_product_max_rel_err_vs_fp64"] = ((prod().double() - exact).abs().max() / exact.abs().max()).item()
     out["grad_rel_diff"] = {n: rel_diff(a, b) for n, a, b in zip(names, runs["bf16"][1], runs["fp32"][1])}
+    # the head mix as one einsum (cuBLAS gemv) instead of the default's six products summed
+    with mock.patch.object(dc, "MIX", "einsum"):
+        torch._dynamo.reset()
+        ts = [t.clone().requires_grad_() for t in base]
+        o = step(fn, ts)
+        leaves = [t.clone().requires_grad_() for t in base]
+        out["einsum_mix_fwd_bwd_ms"] = round(_cuda_ms(lambda: step(fn, leaves)), 3)
+    out["einsum_mix_forward_equal_fraction"] = (o == runs["bf16"][0]).float().mean().item()
+    out["einsum_mix_grad_rel_diff"] = {n: rel_diff(a, b) for n, a, b in zip(names, [t.grad for t in ts], runs["bf16"][1])}
     return out
 
 
@@ -569,7 +623,7 @@ def check_record_lookup(tokens: int = 32768, vocab: int = 50304, dim: int = 768)
 def main() -> None:
     import argparse
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["record_head", "record_mlp", "record_dc", "record_lookup"], default=None,
+    ap.add_argument("--only", choices=["record_head", "record_mlp", "record_mlp_fwd", "record_dc", "record_lookup"], default=None,
                     help="one check instead of all")
     ap.add_argument("--baseline", default=None, help="record_head: another loss.py to time beside ours")
     args = ap.parse_args()
@@ -578,6 +632,9 @@ def main() -> None:
         return
     if args.only == "record_mlp":
         print(json.dumps(check_record_mlp_backward()))
+        return
+    if args.only == "record_mlp_fwd":
+        print(json.dumps(check_record_mlp_forward()))
         return
     if args.only == "record_dc":
         print(json.dumps(check_record_dc()))

@@ -46,9 +46,14 @@ VARIANTS = {
     # the DC correction's products as fp32 GEMMs on CUDA cores (record/dc.py MATMUL), the default's
     # bf16 tensor-core GEMMs undone: -2% on an H200
     "record_dc_fp32": {"recipe": "record", "dc_matmul": "fp32"},
+    # the DC head mix as one einsum (record/dc.py MIX): cuBLAS's fp32 gemv + GEMM, the default's sum undone
+    "record_dc_einsum": {"recipe": "record", "dc_mix": "einsum"},
     # the tables' gradients through autograd (record/lookup.py MODE): a dense table-sized gradient
     # per micro-batch and a bf16 add of it into .grad, the default's in-place rows undone
     "record_autograd_tables": {"recipe": "record", "table_grads": "autograd"},
+    # the MLP's ReLU^2, e4m3 cast and amax as Inductor's pointwise kernel and reduction after a
+    # cuBLAS _scaled_mm (record/mlp.py FORWARD), the default's fused epilogue undone
+    "record_pointwise_mlp_fwd": {"recipe": "record", "mlp_forward": "pointwise"},
     # the head's logits 16,384 rows at a time (record/loss.py HEAD_CHUNK_ROWS), twice the default's
     # chunk: fewer fp32 adds of the head's weight gradient, 1.5 GB more memory
     "record_head_chunk16k": {"recipe": "record", "head_chunk_rows": 16384},

@@ -66,9 +66,9 @@ if triton is not None:
         return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @triton.jit
-    def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N,
+    def _relu2_epilogue(acc, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, q_ptr, amax_ptr, M, N,
                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, ROUND_DPOST: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # plain stores straight from registers, not TMA stores: those stage through shared memory
         # and wait on it, and the shared memory they free admits a 4th pipeline stage
         rm = (om + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -86,14 +86,28 @@ if triton is not None:
                 acc = acc.to(dtype).to(tl.float32)
             r = tl.sqrt(tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32))
             tl.store(out_ptr + offs, (2.0 * r * acc).to(dtype), mask=mask)
+        elif QUANT:    # the record recipe's FP8 forward (linear_relu2_fp8_quant)
+            # pre = bf16(acc * dequant), as _scaled_mm with per-tensor scales (the other one 1) rounds it
+            pre = (acc * tl.load(a_scale_ptr)).to(dtype)
+            r = tl.maximum(pre.to(tl.float32), 0.0)
+            square = r * r
+            post = square.to(dtype)
+            tl.store(out_ptr + offs, post, mask=mask)
+            # the e4m3 copy from the UNROUNDED square, as Inductor's fused kernel for
+            # clamp_max(post * (1 / act_scale), 448) computes it (its reciprocal written the same way)
+            inv_scale = 1 / tl.load(b_scale_ptr)
+            tl.store(q_ptr + offs, tl.minimum(square * inv_scale, 448.0).to(tl.float8e4nv), mask=mask)
+            # amax of the bf16 post; post >= 0, so 0 (the buffer's start) is the identity
+            tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(mask, post.to(tl.float32), 0.0), axis=1), axis=0))
         else:          # post from the ROUNDED pre: the same numbers as the unfused MLP
             pre = acc.to(dtype)
             r = tl.maximum(pre.to(tl.float32), 0.0)
             tl.store(out_ptr + offs, (r * r).to(dtype), mask=mask)
 
     @triton.jit
-    def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
-                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, ROUND_DPOST: tl.constexpr, B_NK: tl.constexpr,
+    def _mm_relu2_kernel(a_desc, b_desc, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, q_ptr, amax_ptr, M, N, K,
+                         BACKWARD: tl.constexpr, SCALED: tl.constexpr, ROUND_DPOST: tl.constexpr,
+                         QUANT: tl.constexpr, IMPRECISE_ACC: tl.constexpr, B_NK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         """acc = A[M, K] @ B (B stored [N, K] if B_NK else [K, N]), then the ReLU^2 epilogue.
@@ -116,7 +130,10 @@ if triton is not None:
                     b = b_desc.load([on, ki * BLOCK_K]).T
                 else:
                     b = b_desc.load([ki * BLOCK_K, on])
-                acc = tl.dot(a, b, acc)
+                if IMPRECISE_ACC > 0:   # else Triton's default
+                    acc = tl.dot(a, b, acc, max_num_imprecise_acc=IMPRECISE_ACC)
+                else:
+                    acc = tl.dot(a, b, acc)
             # the epilogue's own tile counter (as in Triton's persistent-matmul tutorial: the
             # flattened loop must not carry the coordinates across its software pipeline)
             tile_out += NUM_SMS
@@ -124,10 +141,10 @@ if triton is not None:
             om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
             # two half-width subtiles: half the live registers in the epilogue
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, M, N,
-                            BACKWARD, SCALED, ROUND_DPOST, BLOCK_M, BLOCK_N // 2)
-            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, a_scale_ptr,
-                            b_scale_ptr, M, N, BACKWARD, SCALED, ROUND_DPOST, BLOCK_M, BLOCK_N // 2)
+            _relu2_epilogue(acc0, om, on, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr, q_ptr, amax_ptr,
+                            M, N, BACKWARD, SCALED, ROUND_DPOST, QUANT, BLOCK_M, BLOCK_N // 2)
+            _relu2_epilogue(acc1, om, on + BLOCK_N // 2, saved_ptr, out_ptr, a_scale_ptr, b_scale_ptr,
+                            q_ptr, amax_ptr, M, N, BACKWARD, SCALED, ROUND_DPOST, QUANT, BLOCK_M, BLOCK_N // 2)
 
 
 @functools.cache
@@ -155,20 +172,32 @@ def kernels_available(x: Tensor) -> bool:
 
 
 def _launch(a: Tensor, b: Tensor, b_nk: bool, saved: Tensor, out: Tensor, backward: bool,
-            scales: tuple[Tensor, Tensor] | None = None, round_dpost: bool = False) -> None:
+            scales: tuple[Tensor, Tensor] | None = None, round_dpost: bool = False,
+            quant: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> None:
+    """quant: (dequant [1], act_scale [1], e4m3 out, amax 0-d) for the record recipe's forward."""
     M, K = a.shape
     N = out.size(1)
     if not a.is_cuda:
         bm, bn, bk, stages, warps, ws = _INTERPRETER_TILE
     else:
-        bm, bn, bk, stages, warps, ws = _HOPPER_TILE if scales is None else _HOPPER_TILE_FP8
+        fp8 = scales is not None or quant is not None
+        bm, bn, bk, stages, warps, ws = _HOPPER_TILE_FP8 if fp8 else _HOPPER_TILE
     desc = TensorDescriptor.from_tensor
     n_sms = _num_sms(a.device)
     grid = (min(n_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     a_scale, b_scale = scales if scales is not None else (out, out)   # unread unless SCALED
+    q, amax = out, out                                                 # unread unless QUANT
+    # FP8 dot products on Hopper accumulate in a narrower accumulator unless promoted: Triton's
+    # default there promotes never (_scaled_mm's use_fast_accum=True); the record's up projection
+    # asks for the precise mode, so QUANT promotes into fp32 once per K tile
+    imprecise = 0
+    if quant is not None:
+        a_scale, b_scale, q, amax = quant
+        imprecise = bk
     _mm_relu2_kernel[grid](desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), saved, out,
-                           a_scale, b_scale, M, N, K, BACKWARD=backward, SCALED=scales is not None,
-                           ROUND_DPOST=round_dpost, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                           a_scale, b_scale, q, amax, M, N, K, BACKWARD=backward, SCALED=scales is not None,
+                           ROUND_DPOST=round_dpost, QUANT=quant is not None, IMPRECISE_ACC=imprecise,
+                           B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                            GROUP_M=8, NUM_SMS=n_sms, WARP_SPECIALIZE=ws, num_stages=stages,
                            num_warps=warps)
 
@@ -230,6 +259,36 @@ def linear_relu2_fp8(xq: Tensor, sx: Tensor, w1q: Tensor, sw1: Tensor, dtype: to
 @linear_relu2_fp8.register_fake
 def _(xq: Tensor, sx: Tensor, w1q: Tensor, sw1: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(xq.size(0), w1q.size(0), dtype=dtype, device=xq.device)
+
+
+@torch.library.custom_op("speedrun::linear_relu2_fp8_quant", mutates_args=())
+def linear_relu2_fp8_quant(x_f8: Tensor, w1_f8: Tensor, dequant: Tensor, act_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The record recipe's FP8 up projection (record/mlp.py) in one kernel: with
+    pre = bf16((x_f8 @ w1_f8^T) * dequant), returns post = bf16(relu(pre)^2), its e4m3 copy
+    min(relu(pre)^2 / act_scale, 448) taken before post is rounded, and amax(post) (fp32, 0-d).
+    x_f8 [M, K], w1_f8 [N, K] e4m3; dequant, act_scale: fp32 [1]. Unfused, that is a matmul, one
+    pointwise kernel and one reduction, two of them reading the whole [M, N] activation back."""
+    if not kernels_available(x_f8):
+        pre = torch._scaled_mm(x_f8, w1_f8.t(), scale_a=dequant, scale_b=torch.ones_like(dequant),
+                               out_dtype=torch.bfloat16) if x_f8.is_cuda else \
+            ((x_f8.float() @ w1_f8.float().t()) * dequant).to(torch.bfloat16)
+        square = torch.relu(pre.float()).square()
+        post = square.to(torch.bfloat16)
+        q = torch.clamp_max(square * (1 / act_scale), 448.0).to(torch.float8_e4m3fn)
+        return post, q, post.amax().float()
+    M, N = x_f8.size(0), w1_f8.size(0)
+    post = torch.empty(M, N, dtype=torch.bfloat16, device=x_f8.device)
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=x_f8.device)
+    amax = torch.zeros((), dtype=torch.float32, device=x_f8.device)
+    _launch(x_f8, w1_f8, True, post, post, backward=False, quant=(dequant, act_scale, q, amax))
+    return post, q, amax
+
+
+@linear_relu2_fp8_quant.register_fake
+def _(x_f8: Tensor, w1_f8: Tensor, dequant: Tensor, act_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    M, N = x_f8.size(0), w1_f8.size(0)
+    return (x_f8.new_empty(M, N, dtype=torch.bfloat16), x_f8.new_empty(M, N),
+            x_f8.new_empty((), dtype=torch.float32))
 
 
 @torch.library.custom_op("speedrun::linear_relu2_grad_fp8", mutates_args=())

@@ -12,6 +12,8 @@ Training on a GPU with FP8 (the record's arithmetic, per-tensor e4m3 scales):
     a delayed per-layer scale (1.12x headroom over the amax at the previous refresh; the first
     16 steps use the current amax);
   * backward in bf16 from post and the bf16 weights.
+On Hopper the up projection's matmul also writes post, post's e4m3 copy and its amax from its
+accumulator (FORWARD); the record runs a pointwise kernel and a reduction after it instead.
 Validation and the CPU run the same formulas in bf16.
 """
 from __future__ import annotations
@@ -30,6 +32,12 @@ WEIGHT_HEADROOM = 1.12   # headroom of the delayed down-projection weight scale
 # fused one is 2.4x faster in isolation and +0.8% tok/s over the whole record step there
 # (benchmarks/results/README.md). A benchmark switch (benchmarks/switches.py)
 BACKWARD = "fused"
+# relu(x @ W1^T)^2 and its e4m3 copy: "fused" (speedrun/mlp.py's matmul kernel writes post, the
+# e4m3 copy and the amax from its accumulator; Hopper only, elsewhere the pointwise path runs) or
+# "pointwise" (the record's way: _scaled_mm to bf16, then the pointwise kernel and the amax
+# reduction Inductor compiles). The same formulas; the matmul sums in another order, so `pre`
+# can differ in its last bit. A benchmark switch (benchmarks/switches.py)
+FORWARD = "fused"
 
 
 def relu2_bf16(x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,14 +94,18 @@ class _FP8ReLU2MLP(torch.autograd.Function):
         amax = x.detach().abs().max().clamp(min=1e-12)
         x_f8 = (x.detach() * (E4M3_MAX / amax)).to(torch.float8_e4m3fn)
         dequant = (w1_scale * amax / E4M3_MAX).float()
-        pre = torch._scaled_mm(x_f8, w1_f8.t(), scale_a=dequant, scale_b=torch.ones_like(dequant),
-                               out_dtype=torch.bfloat16)
-        post = torch.relu(pre).square()
-        post_f8 = torch.clamp_max(post * (1.0 / act_scale), E4M3_MAX).to(torch.float8_e4m3fn)
+        if FORWARD == "fused" and fused_mlp.kernels_available(x_f8):
+            post, post_f8, post_amax = fused_mlp.linear_relu2_fp8_quant(x_f8, w1_f8, dequant, act_scale)
+        else:
+            pre = torch._scaled_mm(x_f8, w1_f8.t(), scale_a=dequant, scale_b=torch.ones_like(dequant),
+                                   out_dtype=torch.bfloat16)
+            post = torch.relu(pre).square()
+            post_f8 = torch.clamp_max(post * (1.0 / act_scale), E4M3_MAX).to(torch.float8_e4m3fn)
+            post_amax = post.detach().amax().float()
         out = torch._scaled_mm(post_f8, w2_f8, scale_a=act_scale, scale_b=w2_scale,
                                out_dtype=torch.bfloat16, use_fast_accum=True)
         ctx.save_for_backward(x, w1, w2, post)
-        return out, post.detach().amax().float()
+        return out, post_amax
 
     @staticmethod
     def backward(ctx, grad, _grad_amax):
