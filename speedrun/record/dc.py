@@ -32,6 +32,11 @@ WINDOW = 112
 # output's, which is bf16 already. On an H200 a 16k-token micro-batch's DC forward + backward takes
 # 1.6-1.8 ms against 2.3 with fp32 GEMMs; training steps 2% faster
 MATMUL = "bf16"
+# The head mix a = sum_h w1[h] P_h: "sum" (the six products added left to right, the record kernel's
+# order: pointwise work that Inductor fuses with the softmax and its backward) or "einsum" (one
+# batched matrix-vector product: on an H200 cuBLAS's fp32 gemv and, in backward, an fp32 GEMM,
+# ≈ 0.9 ms a 32k-token micro-batch). The same math; fp32 sums in another order
+MIX = "sum"
 
 
 class _Bf16Bmm(torch.autograd.Function):
@@ -101,7 +106,13 @@ def dc_correct(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tenso
     kdoc = _blocks_with_previous(doc.view(T, 1)).view(nb, 1, 2 * BLOCK)
     valid = (rel >= 0) & (rel < window) & (kpos >= 0) & (kdoc == doc.view(nb, BLOCK, 1))
     probs = torch.softmax(scores.masked_fill(~valid[:, None], float("-inf")), dim=-1)
-    a = torch.einsum("bhqk,bqh->bqk", probs, w1[0].float().reshape(nb, BLOCK, -1))   # [nb, 128, 256]
+    w1b = w1[0].float().reshape(nb, BLOCK, -1)                         # [nb, 128, H]
+    if MIX == "sum":
+        a = w1b[..., :1] * probs[:, 0]                                 # [nb, 128, 256]
+        for h in range(1, probs.size(1)):
+            a = a + w1b[..., h:h + 1] * probs[:, h]
+    else:
+        a = torch.einsum("bhqk,bqh->bqk", probs, w1b)
     mix = (w2[0].float().reshape(nb, BLOCK, -1, 1) * a[:, :, None, :]).to(v.dtype)   # [nb, 128, H, 256]
     if MATMUL == "bf16":
         corr = _Bf16Bmm.apply(_heads_first(mix), _heads_first(vb))     # fp32 [nb * H, 128, D]
