@@ -12,8 +12,8 @@ Training on a GPU with FP8 (the record's arithmetic, per-tensor e4m3 scales):
     a delayed per-layer scale (1.12x headroom over the amax at the previous refresh; the first
     16 steps use the current amax);
   * backward in bf16 from post and the bf16 weights.
-On Hopper the up projection's matmul also writes post, post's e4m3 copy and its amax from its
-accumulator (FORWARD); the record runs a pointwise kernel and a reduction after it instead.
+The up projection's ReLU^2, e4m3 copy and amax can also run inside its matmul on Hopper (FORWARD:
+measured slower there, off).
 Validation and the CPU run the same formulas in bf16.
 """
 from __future__ import annotations
@@ -32,12 +32,13 @@ WEIGHT_HEADROOM = 1.12   # headroom of the delayed down-projection weight scale
 # fused one is 2.4x faster in isolation and +0.8% tok/s over the whole record step there
 # (benchmarks/results/README.md). A benchmark switch (benchmarks/switches.py)
 BACKWARD = "fused"
-# relu(x @ W1^T)^2 and its e4m3 copy: "fused" (speedrun/mlp.py's matmul kernel writes post, the
-# e4m3 copy and the amax from its accumulator; Hopper only, elsewhere the pointwise path runs) or
-# "pointwise" (the record's way: _scaled_mm to bf16, then the pointwise kernel and the amax
-# reduction Inductor compiles). The same formulas; the matmul sums in another order, so `pre`
-# can differ in its last bit. A benchmark switch (benchmarks/switches.py)
-FORWARD = "fused"
+# relu(x @ W1^T)^2 and its e4m3 copy: "pointwise" (the record's way: _scaled_mm to bf16, then the
+# pointwise kernel and the amax reduction Inductor compiles) or "fused" (speedrun/mlp.py's matmul
+# kernel writes post, the e4m3 copy and the amax from its accumulator; Hopper only). On an H200
+# the two gave the same bits for post and its copy, but the fused kernel took 0.39 ms a 32k-token
+# micro-batch against 0.32 for the three kernels (cuBLAS's matmul alone 0.15), and the training
+# step 1.4% longer (benchmarks/results/README.md). A benchmark switch (benchmarks/switches.py)
+FORWARD = "pointwise"
 
 
 def relu2_bf16(x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
