@@ -616,8 +616,32 @@ def check_record_lookup(tokens: int = 32768, vocab: int = 50304, dim: int = 768)
         work = start.clone()
         res["dense_ms"] = round(_cuda_ms(lambda: dense(work), reps=10), 4)
         res["sort_ms"] = round(_cuda_ms(lambda: torch.sort(flat), reps=10), 4)
+        if name == "value_embeds":   # the record indexes this table: its backward is index_put's
+            res["in_order"] = _check_in_order(lk, rows, dim, flat, start, g)
         out[name] = res
     return out
+
+
+def _check_in_order(lk, rows: int, dim: int, flat: torch.Tensor, start: torch.Tensor, g) -> dict:
+    """The in-order kernel (add_rows(in_order=True)) against the record's own backward of its
+    value-embedding indexing, CUDA's index_put with accumulate into a bf16 zeros table, then the
+    bf16 add into .grad, on random bf16 rows (each add rounds): bit equality, time, and how far
+    the fp32-sum kernel's added gradient lies from the record's."""
+    grads = torch.randn(flat.numel(), dim, device="cuda", generator=g).bfloat16()
+
+    def record(grad):
+        d = torch.zeros(rows, dim, device="cuda", dtype=torch.bfloat16)
+        grad.add_(d.index_put_((flat.long(),), grads, accumulate=True))
+
+    expected, got, fp32 = start.clone(), start.clone(), start.clone()
+    record(expected)
+    lk.add_rows(got, flat, grads, in_order=True)
+    lk.add_rows(fp32, flat, grads)
+    work = start.clone()
+    return {"equal_to_index_put": bool(torch.equal(got, expected)),
+            "ms": round(_cuda_ms(lambda: lk.add_rows(work, flat, grads, in_order=True), reps=10), 4),
+            "index_put_path_ms": round(_cuda_ms(lambda: record(work), reps=10), 4),
+            "fp32_sums_rel_diff_from_index_put": rel_diff(fp32.float() - start.float(), expected.float() - start.float())}
 
 
 def main() -> None:

@@ -467,6 +467,9 @@ def test_our_triton_kernels_fit_an_8_9_cards_shared_memory():
         "table rows": shared(lookup._add_segments_kernel, {
             "grad_table": "*bf16", "grad_rows": "*bf16", "sorted_ids": "*i32", "order": "*i64", "n": "i32",
             "D": "i32"}, {"ROWS": rows, "BLOCK_D": block_d}, warps),
+        "value-embedding rows in order": shared(lookup._add_runs_in_order_kernel, {
+            "grad_table": "*bf16", "grad_rows": "*bf16", "sorted_ids": "*i32", "order": "*i64", "n": "i32",
+            "D": "i32"}, {"ROWS": rows, "CHUNK": lookup.IN_ORDER_CHUNK, "BLOCK_D": block_d}, warps),
     }
     limit = SMALL_SHARED_MEMORY[(8, 9)]
     assert all(0 <= b <= limit for b in sizes.values()), sizes

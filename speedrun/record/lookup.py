@@ -6,16 +6,23 @@ every micro-batch (zeros, then the rows scattered in), and autograd then adds th
 into `.grad` (a bf16 add over the whole table), 12 times in a stage-3 step of 32k-token
 micro-batches, for gradients that touch at most 32k rows of a table each time.
 
-Here backward sorts the micro-batch's ids; one Triton program per 32 sorted positions sums each
-run of equal ids in fp32 (a 0/1 matrix product over the tile; a run longer than the tile is
-followed tile by tile), rounds the sum to the table's dtype and adds it to `.grad[row]` (the add
-in fp32, rounded once): the numbers of a dense gradient rounded once and then added, which is
-what the record computes for the token and bigram tables (PyTorch's embedding backward sums in
-fp32, then rounds), and for the value-embedding tables on a GPU without bf16 atomics (an RTX
-4090: PyTorch's index_put sums in fp32 per row); on Hopper the record's compiled value-embedding
-backward adds in bf16 atomics instead, a rounding per token. The fp32 sums run in a fixed order,
-so the result is reproducible. Rows no id touches keep their gradient bits. On an H200 the whole
-step ran 1.5% faster than with plain indexing (benchmarks/results/README.md).
+Here backward sorts the micro-batch's ids and adds each run of equal ids into `.grad[row]` in the
+way the record's own backward sums that table, so the bits are the record's:
+
+* token and bigram tables (nn.Embedding in the record: PyTorch's embedding backward sums a row's
+  gradients in fp32, then rounds): one Triton program per 32 sorted positions sums each run in
+  fp32 (a 0/1 matrix product over the tile; a run longer than the tile is followed tile by tile),
+  rounds the sum to the table's dtype and adds it to `.grad[row]` (the add in fp32, rounded once);
+* value embeddings (`value_embeds.view(5, V, D)[:, ids]` in the record: the backward of indexing
+  is index_put with accumulate, which adds a row's gradients one position at a time in position
+  order, rounding to bf16 after each add): `in_order=True`, the same adds in the same order (a
+  stable sort keeps equal ids in position order). The record compiled on Hopper adds them with
+  bf16 atomics instead, in no fixed order: the same roundings, other bits.
+
+Either way the result is reproducible, and rows no id touches keep their gradient bits. Summing
+the value embeddings in fp32 as well (more exact) moved their gradient 7% from the record's own
+on an H200, against the 2.2% its compiled and eager runs differ by (benchmarks/results/README.md).
+On an H200 the whole step ran 1.5% faster than with plain indexing.
 
 Gradients reach the table outside autograd's accumulation (backward returns None for the table and
 writes `.grad` itself), so hooks on the table never fire; the trainer registers none.
@@ -38,6 +45,7 @@ MODE = "accumulate"      # accumulate | autograd
 # (sorted positions per program, columns per program, warps): benchmarks.gpu_checks --only
 # record_lookup times others
 TILE = (32, 256, 4)
+IN_ORDER_CHUNK = 8       # positions of a run read at once by the in-order kernel (unrolled)
 
 
 if triton is not None:
@@ -94,31 +102,73 @@ if triton is not None:
             _add_rounded(grad_table + row.to(tl.int64) * D + cols, acc, col_ok)
 
 
-def add_rows(grad_table: Tensor, ids: Tensor, grad_rows: Tensor, tile: tuple | None = None) -> None:
+    @triton.jit
+    def _add_runs_in_order_kernel(grad_table, grad_rows, sorted_ids, order, n, D, ROWS: tl.constexpr,
+                                  CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (t, c): every run of equal ids that starts among the ROWS sorted positions of
+        tile t, columns block c, added up one position at a time in sorted order (position order
+        within a run), each add rounded to grad_table's dtype as index_put's accumulation rounds
+        it; then the run's total is added to grad_table[id] (fp32, rounded). A run is read CHUNK
+        positions at a time, and followed past the tile's end."""
+        t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        dtype = grad_table.dtype.element_ty
+        for i in range(ROWS):
+            j = t * ROWS + i
+            row = tl.load(sorted_ids + j, mask=j < n, other=-1)
+            prev = tl.load(sorted_ids + j - 1, mask=(j > 0) & (j < n), other=-2)
+            if (j < n) & (row != prev):   # a run starts here
+                acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                p = j
+                going = j < n
+                while going:
+                    for q in tl.static_range(CHUNK):
+                        pq = p + q
+                        same = (pq < n) & (tl.load(sorted_ids + pq, mask=pq < n, other=-1) == row)
+                        src = tl.load(order + pq, mask=same, other=0).to(tl.int64)
+                        v = tl.load(grad_rows + src * D + cols, mask=same & col_ok, other=0.0).to(tl.float32)
+                        acc = tl.where(same, (acc + v).to(dtype).to(tl.float32), acc)
+                    p += CHUNK
+                    going = tl.load(sorted_ids + p, mask=p < n, other=-1) == row
+                _add_rounded(grad_table + row.to(tl.int64) * D + cols, acc, col_ok)
+
+
+def add_rows(grad_table: Tensor, ids: Tensor, grad_rows: Tensor, tile: tuple | None = None,
+             in_order: bool = False) -> None:
     """grad_table[r] += round(sum of grad_rows[k] for ids[k] == r), for every distinct r in ids:
-    the sum in fp32, rounded to grad_table's dtype, then added in fp32 and rounded again."""
+    the sum in fp32, rounded to grad_table's dtype, then added in fp32 and rounded again.
+    in_order: the sum is taken one position at a time in position order, rounded to
+    grad_table's dtype after each add (index_put with accumulate, as the backward of indexing)."""
     flat = ids.reshape(-1)
     rows = grad_rows.reshape(flat.numel(), grad_table.size(1))
     if not kernel_available(grad_table):
-        sums = torch.zeros(grad_table.shape, dtype=torch.float32, device=grad_table.device)
-        sums.index_add_(0, flat, rows.float())
         touched = torch.unique(flat)
+        if in_order:   # PyTorch's CPU index_put with accumulate adds serially, in the table's dtype
+            sums = torch.zeros_like(grad_table).index_put_((flat.long(),), rows.to(grad_table.dtype), accumulate=True)
+        else:
+            sums = torch.zeros(grad_table.shape, dtype=torch.float32, device=grad_table.device)
+            sums.index_add_(0, flat, rows.float())
         new = grad_table[touched].float() + sums[touched].to(grad_table.dtype).float()
         grad_table[touched] = new.to(grad_table.dtype)
         return
-    sorted_ids, order = torch.sort(flat)
+    sorted_ids, order = torch.sort(flat, stable=in_order)
     D = grad_table.size(1)
     n_rows, block_d, warps = tile or TILE
-    _add_segments_kernel[(triton.cdiv(flat.numel(), n_rows), triton.cdiv(D, block_d))](
-        grad_table, rows.contiguous(), sorted_ids, order, flat.numel(), D, ROWS=n_rows, BLOCK_D=block_d,
-        num_warps=warps)
+    grid = (triton.cdiv(flat.numel(), n_rows), triton.cdiv(D, block_d))
+    if in_order:
+        _add_runs_in_order_kernel[grid](grad_table, rows.contiguous(), sorted_ids, order, flat.numel(), D,
+                                        ROWS=n_rows, CHUNK=IN_ORDER_CHUNK, BLOCK_D=block_d, num_warps=warps)
+    else:
+        _add_segments_kernel[grid](grad_table, rows.contiguous(), sorted_ids, order, flat.numel(), D,
+                                   ROWS=n_rows, BLOCK_D=block_d, num_warps=warps)
 
 
 class _Lookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table: Tensor, ids: Tensor) -> Tensor:
+    def forward(ctx, table: Tensor, ids: Tensor, in_order: bool) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.table = table
+        ctx.table, ctx.in_order = table, in_order
         return table.detach()[ids]
 
     @staticmethod
@@ -127,12 +177,14 @@ class _Lookup(torch.autograd.Function):
         table = ctx.table
         if table.grad is None:   # the first micro-batch since the optimizer took the gradient
             table.grad = torch.zeros_like(table)
-        add_rows(table.grad, ids, grad)
-        return None, None
+        add_rows(table.grad, ids, grad, in_order=ctx.in_order)
+        return None, None, None
 
 
-def lookup(table: Tensor, ids: Tensor) -> Tensor:
-    """table[ids] ([*ids.shape, dim]); in training the gradient is added into table.grad in place."""
+def lookup(table: Tensor, ids: Tensor, in_order: bool = False) -> Tensor:
+    """table[ids] ([*ids.shape, dim]); in training the gradient is added into table.grad in place,
+    summed as nn.Embedding's backward sums it, or with `in_order` as indexing's backward does
+    (add_rows)."""
     if MODE == "accumulate" and torch.is_grad_enabled() and table.requires_grad:
-        return _Lookup.apply(table, ids)
+        return _Lookup.apply(table, ids, in_order)
     return table[ids]

@@ -268,7 +268,9 @@ class RecordGPT(nn.Module):
         V = self.cfg.vocab_size
         first_rows = torch.arange(0, 5 * V, V, device=inputs.device, dtype=inputs.dtype)
         ve_ids = inputs[None] + first_rows[:, None]   # the rows of the five tables in value_embeds
-        return (lookup(self.embed.weight, inputs), lookup(self.value_embeds, ve_ids),
+        # the record indexes value_embeds (its backward adds position by position in bf16) and
+        # looks the other two up through nn.Embedding (fp32 sums): lookup.py
+        return (lookup(self.embed.weight, inputs), lookup(self.value_embeds, ve_ids, in_order=True),
                 lookup(self.bigram_embed.weight, bigram_inputs))
 
     def hidden_states(self, inputs: Tensor, bigram_inputs: Tensor, mask_short, mask_long,
