@@ -2,9 +2,9 @@
 params.yaml key: the embedding tables' kind, because the public one-4090 recipe (throughput's
 `recipe_4090` baseline) trains bf16 nn.Embedding tables; for the record recipe, its MLP's up
 projection (fused into the matmul, against the pointwise default) and backward (the pointwise
-kernel, against the fused default); its DC products (the
-fp32 GEMMs, against the bf16 default) and head mix (one einsum, against the sum); its tables'
-gradients (autograd's dense ones, against the in-place default); its head's chunk of logits rows.
+kernel, against the fused default); its DC products (the fp32 GEMMs, against the bf16 default)
+and head mix (one einsum, against the sum); its tables' gradients (autograd's dense ones, against
+the in-place default); its head's chunk of logits rows.
 Every other execution choice is either a params.yaml key or fixed once measured
 (benchmarks/results/README.md).
 
