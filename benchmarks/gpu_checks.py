@@ -24,6 +24,7 @@ rows against the dense path.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -236,6 +237,44 @@ def check_head(N: int = 32768, D: int = 768, V: int = 50304, cap: float = 30.0) 
 LOSS_SHAPES = [(2048, 8), (4096, 8), (2048, 4), (4096, 16)]
 
 
+# threads per block of the CUDA loss kernel timed by check_record_head
+LOSS_CUDA_THREADS = [256, 512, 1024]
+
+
+def _compare_loss_kernels(L, u, t, mtp, pre, pw, g_triton, times: dict) -> dict:
+    """The CUDA loss kernel (record/loss_cuda.py) against the Triton one on the same logits: their
+    losses, how many e5m2 gradient bytes agree, the gradients' relative difference; the CUDA
+    kernel's time, registers and spilled bytes for each of LOSS_CUDA_THREADS (into `times`)."""
+    from speedrun.record import loss_cuda as LC
+
+    L.LOSS_KERNEL = "triton"
+    l_tri = L._run_kernel(u, t, mtp, pre, pw, g_triton, L.A / L.C, True)
+    g_cuda = torch.empty_like(g_triton)
+    g_cuda.view(torch.uint8).fill_(0x47)   # nonzero: a byte the kernel skips shows as a difference
+    L.LOSS_KERNEL = "cuda"
+    out = {"available": LC.available(u, g_cuda)}
+    threads = LC.THREADS
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    for n_threads in LOSS_CUDA_THREADS:
+        LC.THREADS = n_threads
+        l_cuda = L._run_kernel(u, t, mtp, pre, pw, g_cuda, L.A / L.C, True)
+        k = LC._kernels.get((u.shape[1], mtp.numel(), True, n_threads, u.device.index))
+        regs, local = ctypes.c_int(-1), ctypes.c_int(-1)
+        if k is not None:   # CU_FUNC_ATTRIBUTE_NUM_REGS = 4, LOCAL_SIZE_BYTES = 3
+            libcuda.cuFuncGetAttribute(ctypes.byref(regs), 4, k.func)
+            libcuda.cuFuncGetAttribute(ctypes.byref(local), 3, k.func)
+        same = (g_cuda.view(torch.uint8) == g_triton.view(torch.uint8)).float().mean().item()
+        out[f"{n_threads}_threads"] = {
+            "loss_max_abs_diff": (l_cuda - l_tri).abs().max().item(),
+            "grad_same_bytes": same, "grad_rel_diff": rel_diff(g_cuda.float(), g_triton.float()),
+            "registers": regs.value, "local_bytes": local.value}
+        times[f"cuda_{n_threads}_threads"] = round(_cuda_ms(
+            lambda: L._run_kernel(u, t, mtp, pre, pw, g_cuda, L.A / L.C, True), reps=10), 3)
+        g_cuda.view(torch.uint8).fill_(0x47)
+    LC.THREADS = threads
+    return out
+
+
 def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: str | None = None,
                       device: str = "cuda") -> dict:
     """The record recipe's FP8 head (speedrun/record/loss.py) at a stage-3 micro-batch: the loss
@@ -255,15 +294,19 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
     pre = torch.randint(-1, V, (N,), device=device, generator=g)
     mtp, pw = torch.tensor([1.0, 0.5, 0.25], device=device), torch.tensor([0.25], device=device)
     out = {"tokens": N}
-    n = min(N, 1024)   # the kernel against the fp32 reference, gradient stored in bf16
+    n = min(N, 1024)   # the kernels against the fp32 reference, gradient stored in bf16
     u = (x[:n] @ w)
     ref_l, ref_g = L.loss_and_logit_grad(u, t[:n], mtp, pre[:n], pw, grad_mul=1.0)
-    for fast in (False, True) if device == "cuda" else (False,):   # tanh.approx: GPU only
+    kernel_choice = L.LOSS_KERNEL
+    cases = [("triton", False), ("triton", True), ("cuda", True)] if device == "cuda" else [("triton", False)]
+    for kind, fast in cases:   # tanh.approx: GPU only; the CUDA kernel always uses it
+        L.LOSS_KERNEL = kind
         grad = torch.empty(n, V, device=device, dtype=torch.bfloat16)
         losses = L._run_kernel(u, t[:n], mtp, pre[:n], pw, grad, L.A / L.C, fast)
-        out[f"kernel_fast{int(fast)}"] = {
+        out[f"kernel_{kind}_fast{int(fast)}"] = {
             "loss_rel_err": ((losses - ref_l).abs().max() / ref_l.abs().max()).item(),
             "grad_rel_err": rel_diff(grad, ref_g)}
+    L.LOSS_KERNEL = kernel_choice
     big = torch.randn(N, V, device=device, generator=g).to(torch.float8_e5m2)
     out["transpose_same_bits"] = torch.equal(L.transposed(big).view(torch.uint8), big.t().contiguous().view(torch.uint8))
     out["transpose_ms"] = round(_cuda_ms(lambda: L.transposed(big), reps=10), 3)
@@ -274,11 +317,15 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
     g_big = torch.empty(N, V, device=device, dtype=torch.float8_e5m2)
     shape = (L.LOSS_BLOCK, L.LOSS_WARPS)
     out["loss_kernel_ms"] = {}
+    L.LOSS_KERNEL = "triton"
     for blk, warps in LOSS_SHAPES:
         L.LOSS_BLOCK, L.LOSS_WARPS = blk, warps
-        out["loss_kernel_ms"][f"{blk}x{warps}w"] = round(_cuda_ms(
+        out["loss_kernel_ms"][f"triton_{blk}x{warps}w"] = round(_cuda_ms(
             lambda: L._run_kernel(u_big, t, mtp, pre, pw, g_big, L.A / L.C, True), reps=10), 3)
     L.LOSS_BLOCK, L.LOSS_WARPS = shape
+    if device == "cuda":
+        out["cuda_vs_triton"] = _compare_loss_kernels(L, u_big, t, mtp, pre, pw, g_big, out["loss_kernel_ms"])
+    L.LOSS_KERNEL = kernel_choice
     del u_big, g_big
 
     def step(mod):
@@ -304,6 +351,11 @@ def check_record_head(N: int = 49152, D: int = 768, V: int = 50304, baseline: st
     gx, gw = step(L)
     out["fwd_bwd_ms"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
     out["peak_gib"] = peak_gib(L)
+    if device == "cuda":   # the whole head with the Triton loss kernel instead of the CUDA one
+        with mock.patch.object(L, "LOSS_KERNEL", "triton"):
+            kx, kw = step(L)
+            out["fwd_bwd_ms_triton_loss"] = round(_cuda_ms(lambda: step(L), reps=10), 3)
+            out["triton_loss_grad_rel_diff"] = {"x": rel_diff(kx, gx), "w": rel_diff(kw, gw)}
     with mock.patch.object(L, "transposed", lambda a: a.t().contiguous()):
         tx, tw = step(L)
         out["fwd_bwd_ms_torch_transpose"] = round(_cuda_ms(lambda: step(L), reps=10), 3)

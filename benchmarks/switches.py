@@ -4,7 +4,7 @@ params.yaml key: the embedding tables' kind, because the public one-4090 recipe 
 projection (fused into the matmul, against the pointwise default) and backward (the pointwise
 kernel, against the fused default); its DC products (the fp32 GEMMs, against the bf16 default)
 and head mix (one einsum, against the sum); its tables' gradients (autograd's dense ones, against
-the in-place default); its head's chunk of logits rows.
+the in-place default); its head's chunk of logits rows and its loss kernel.
 Every other execution choice is either a params.yaml key or fixed once measured
 (benchmarks/results/README.md).
 
@@ -23,6 +23,7 @@ SWITCHES = {
     "dc_mix": ("speedrun.record.dc", "MIX"),                   # sum | einsum (record recipe's DC head mix)
     "table_grads": ("speedrun.record.lookup", "MODE"),         # accumulate | autograd (record recipe's tables)
     "head_chunk_rows": ("speedrun.record.loss", "HEAD_CHUNK_ROWS"),   # rows of logits at a time (record head)
+    "loss_kernel": ("speedrun.record.loss", "LOSS_KERNEL"),    # cuda | triton (record head's loss kernel)
 }
 
 

@@ -54,6 +54,9 @@ VARIANTS = {
     # the MLP's ReLU^2, e4m3 cast and amax in the up projection's matmul kernel (record/mlp.py
     # FORWARD) instead of cuBLAS's matmul + Inductor's pointwise kernel and reduction: -1.4% on an H200
     "record_fused_mlp_fwd": {"recipe": "record", "mlp_forward": "fused"},
+    # the head's loss kernel in Triton (record/loss.py LOSS_KERNEL): two reads of each row of logits
+    # and four special-function operations a logit, the default CUDA kernel's one read and three undone
+    "record_triton_loss": {"recipe": "record", "loss_kernel": "triton"},
     # the head's logits 16,384 rows at a time (record/loss.py HEAD_CHUNK_ROWS), twice the default's
     # chunk: fewer fp32 adds of the head's weight gradient, 1.5 GB more memory
     "record_head_chunk16k": {"recipe": "record", "head_chunk_rows": 16384},
@@ -348,14 +351,21 @@ def selected_paths(device) -> dict:
     import torch
 
     from speedrun.mlp import tma_capable
-    from speedrun.record.attention import flex_kernel_options
+    from speedrun.record import loss_cuda
+    from speedrun.record.attention import SMALL_SHARED_MEMORY, flex_kernel_options
     from speedrun.train import fp8_wanted
 
     cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if cuda else None
+    # an H100's opt-in shared memory per block where no GPU answers (tests that fake a capability)
+    optin = (torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+             if cuda and torch.cuda.is_available() else 232448)
     return {"fp8_matmuls": fp8_wanted("auto", device, "fp8"),   # record: MLP + head; classic: head + MLP
             "tma_mlp_kernels": tma_capable(device),             # classic recipe's fused MLP kernels
             # record recipe: FlexAttention's tiles (None: Inductor's choice for the card)
-            "flex_kernel_options": flex_kernel_options(torch.cuda.get_device_capability(device) if cuda else None)}
+            "flex_kernel_options": flex_kernel_options(capability),
+            # record recipe: the head's loss kernel in CUDA with its row in shared memory (else Triton)
+            "cuda_loss_kernel": cuda and loss_cuda.fits(capability, SMALL_SHARED_MEMORY.get(capability, optin), 50304)}
 
 
 def record_shards(root: Path, batches: list[int], steps: int, settle: int) -> Path:

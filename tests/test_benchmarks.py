@@ -191,6 +191,7 @@ def test_turns_train_one_at_a_time_in_order_after_every_warm_up(tmp_path):
     ((10, 0), True, True, False),     # B200
 ])
 def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, tma, small_tiles):
+    # the CUDA loss kernel goes wherever the FP8 head does: its row of 50,304 sigmoids fits 8.9's 99 KiB
     """What the forced-8.9 throughput mode (record_sm89) relies on: every capability check answers
     from torch.cuda.get_device_capability, so faking it picks that card's paths."""
     import torch
@@ -203,10 +204,11 @@ def test_each_capability_selects_its_kernel_paths(monkeypatch, capability, fp8, 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test card")
     cuda = torch.device("cuda", 0)
     paths = selected_paths(cuda)
-    assert {k: paths[k] for k in ("fp8_matmuls", "tma_mlp_kernels")} == {"fp8_matmuls": fp8, "tma_mlp_kernels": tma}
+    assert {k: paths[k] for k in ("fp8_matmuls", "tma_mlp_kernels", "cuda_loss_kernel")} == \
+        {"fp8_matmuls": fp8, "tma_mlp_kernels": tma, "cuda_loss_kernel": fp8}
     assert (paths["flex_kernel_options"] is not None) == small_tiles
     assert selected_paths(torch.device("cpu")) == {"fp8_matmuls": False, "tma_mlp_kernels": False,
-                                                   "flex_kernel_options": None}
+                                                   "flex_kernel_options": None, "cuda_loss_kernel": False}
     if not fp8:   # asking for FP8 where the tensor cores have none is one clear error
         with pytest.raises(SpeedrunError, match="compute capability >= 8.9"):
             fp8_wanted("on", cuda, "record.fp8")

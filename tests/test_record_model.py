@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
@@ -218,6 +219,95 @@ def test_head_in_chunks_of_rows_equals_one_chunk():
                                            grad_mul=None)[0] for lo in range(0, N, 7)])
     whole = L.loss_and_logit_grad((x @ w).float(), t, mtp, pre, pw, grad_mul=None)[0]
     assert not torch.allclose(cut, whole)
+
+
+def test_cuda_loss_kernel_goes_where_its_row_of_sigmoids_fits():
+    """loss_cuda keeps a row's 50,304 bf16 sigmoids in shared memory: an 8.9 card's 99 KiB per
+    block holds them (704 bytes spare), a vocabulary 512 tokens larger does not; before 8.9 there
+    is no e5m2 conversion. CPU tensors never take it."""
+    from speedrun.record import loss_cuda as LC
+    from speedrun.record.attention import SMALL_SHARED_MEMORY
+
+    ada = SMALL_SHARED_MEMORY[(8, 9)]
+    assert LC.fits((8, 9), ada, 50304) and LC.fits((9, 0), 232448, 50304) and LC.fits((10, 0), 232448, 50304)
+    assert not LC.fits((8, 9), ada, 50304 + 512)
+    assert not LC.fits((8, 6), ada, 50304) and not LC.fits((8, 0), 166912, 50304)
+    assert not LC.fits((9, 0), 232448, 50300)          # rows are read 8 logits (16 bytes) at a time
+    u = torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert not LC.available(u, torch.empty(4, 64, dtype=torch.float8_e5m2))
+
+
+def test_loss_kernel_choice_dispatches_only_the_fast_gpu_path(monkeypatch):
+    """LOSS_KERNEL = "cuda" hands the fast (tanh.approx) path to loss_cuda with the rescale's
+    constants, where it is available; the exact path, the "triton" choice, int32 targets and a
+    kernel NVRTC could not build go to the Triton kernel."""
+    from types import SimpleNamespace
+
+    from speedrun.record import loss_cuda as LC
+
+    calls = []
+    sentinel = torch.full((3,), 5.0)
+
+    def fake_run(u, t, mtp, pre, pw, grad, coef, inv_c, b_div_c, a):
+        calls.append(("cuda", coef, inv_c, b_div_c, a))
+        return fake_run.result
+    fake_run.result = sentinel
+
+    class FakeTriton:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append(("triton", grid, kw["FAST"]))
+            return launch
+    monkeypatch.setattr(LC, "available", lambda u, g: True)
+    monkeypatch.setattr(LC, "run", fake_run)
+    monkeypatch.setattr(L, "_loss_kernel", FakeTriton(), raising=False)
+    monkeypatch.setattr(L, "triton", SimpleNamespace(cdiv=lambda a, b: -(-a // b)), raising=False)
+    u = torch.zeros(3, 16, dtype=torch.bfloat16)
+    args = (torch.zeros(5, dtype=torch.int64), torch.ones(3), torch.full((3,), -1, dtype=torch.int64),
+            torch.zeros(1), torch.empty(3, 16, dtype=torch.float8_e5m2), 2.0)
+    assert L._run_kernel(u, *args, fast=True) is sentinel
+    assert calls.pop() == ("cuda", 2.0, 1 / L.C, L.B / L.C, L.A)
+    L._run_kernel(u, *args, fast=False)
+    assert calls.pop() == ("triton", (3,), False)
+    monkeypatch.setattr(L, "LOSS_KERNEL", "triton")
+    L._run_kernel(u, *args, fast=True)
+    assert calls.pop() == ("triton", (3,), True)
+    monkeypatch.setattr(L, "LOSS_KERNEL", "cuda")
+    L._run_kernel(u, args[0].int(), *args[1:], fast=True)
+    assert calls.pop() == ("triton", (3,), True)
+    fake_run.result = None                              # NVRTC failed: the Triton kernel stands in
+    L._run_kernel(u, *args, fast=True)
+    assert calls[-2:] == [("cuda", 2.0, 1 / L.C, L.B / L.C, L.A), ("triton", (3,), True)]
+
+
+@pytest.mark.skipif(not os.environ.get("SPEEDRUN_NVRTC"), reason="needs SPEEDRUN_NVRTC=path of libnvrtc.so")
+def test_cuda_loss_kernel_compiles_for_ada_and_hopper():
+    """NVRTC compiles the kernel's source to PTX for 8.9 and 9.0 (no GPU needed): the special
+    functions and conversions it relies on are there. A developer's check before spending device
+    time; CI has no NVRTC."""
+    import ctypes
+
+    from speedrun.record import loss_cuda as LC
+
+    lib = ctypes.CDLL(os.environ["SPEEDRUN_NVRTC"])
+    for arch in ("89", "90"):
+        for e5m2 in (True, False):
+            prog = ctypes.c_void_p()
+            assert lib.nvrtcCreateProgram(ctypes.byref(prog), LC.source(50304, 3, e5m2).encode(), b"k.cu",
+                                          0, None, None) == 0
+            opts = (ctypes.c_char_p * 1)(f"--gpu-architecture=compute_{arch}".encode())
+            rc = lib.nvrtcCompileProgram(prog, 1, opts)
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            assert rc == 0, log.value.decode()
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            ptx = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetPTX(prog, ptx)
+            ptx = ptx.value.decode()
+            assert "tanh.approx.f32" in ptx and "ex2.approx.f32" in ptx and "ld.global.nc.v4" in ptx
+            assert ("cvt.rn.satfinite.e5m2x2.f32" in ptx) == e5m2
 
 
 def test_fp8_head_operands_are_cast_as_the_record_casts_them(monkeypatch):

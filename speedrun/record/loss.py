@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import loss_cuda
+
 try:
     import triton
     import triton.language as tl
@@ -239,6 +241,9 @@ def kernel_available(x: Tensor) -> bool:
 
 # the loss kernel's shape: logits per iteration and warps (gpu_checks' record_head times others)
 LOSS_BLOCK, LOSS_WARPS = 2048, 8
+# "cuda": loss_cuda's kernel (one read of the logits, the row's sigmoids in shared memory) where it
+# can run, else this module's Triton kernel; "triton": always the Triton kernel
+LOSS_KERNEL = "cuda"
 HEAD_CHUNK_ROWS = 8192     # rows of logits at a time (their gradient in e5m2 beside them): 1.2 GB
 
 
@@ -247,8 +252,14 @@ def _run_kernel(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets:
     """Losses of u's rows [R]; `targets` holds R entries or more (the MTP targets past the last
     row: a slice of the micro-batch's targets from u's first row on)."""
     rows, V = u.shape
-    losses = torch.empty(rows, dtype=torch.float32, device=u.device)
     inv_c = 1.0 / C
+    if (LOSS_KERNEL == "cuda" and fast and targets.dtype == prefix_targets.dtype == torch.int64
+            and loss_cuda.available(u, grad)):
+        losses = loss_cuda.run(u, targets, mtp_weights, prefix_targets, prefix_weight, grad, coef, inv_c,
+                               B * inv_c, A)
+        if losses is not None:
+            return losses
+    losses = torch.empty(rows, dtype=torch.float32, device=u.device)
     _loss_kernel[(rows,)](
         u, u if grad is None else grad, targets, mtp_weights, prefix_targets, prefix_weight, losses,
         targets.numel(), V, inv_c, B * inv_c, A, coef, N_PRED=mtp_weights.numel(),
