@@ -221,7 +221,7 @@ def test_head_in_chunks_of_rows_equals_one_chunk():
     assert not torch.allclose(cut, whole)
 
 
-def test_cuda_loss_kernel_goes_where_its_row_of_sigmoids_fits():
+def test_cuda_loss_kernel_goes_where_its_row_of_sigmoids_fits(monkeypatch):
     """loss_cuda keeps a row's 50,304 bf16 sigmoids in shared memory: an 8.9 card's 99 KiB per
     block holds them (704 bytes spare), a vocabulary 512 tokens larger does not; before 8.9 there
     is no e5m2 conversion. CPU tensors never take it."""
@@ -235,6 +235,11 @@ def test_cuda_loss_kernel_goes_where_its_row_of_sigmoids_fits():
     assert not LC.fits((9, 0), 232448, 50300)          # rows are read 8 logits (16 bytes) at a time
     u = torch.zeros(4, 64, dtype=torch.bfloat16)
     assert not LC.available(u, torch.empty(4, 64, dtype=torch.float8_e5m2))
+    # the block size is the one set when compiled (a kernel built for 512 threads and launched
+    # with 256 would skip half of each row; with 1024 it does not launch)
+    assert "#define THREADS 512\n" in LC.source(50304, 3, True)
+    monkeypatch.setattr(LC, "THREADS", 256)
+    assert "#define THREADS 256\n" in LC.source(50304, 3, True)
 
 
 def test_loss_kernel_choice_dispatches_only_the_fast_gpu_path(monkeypatch):

@@ -188,9 +188,10 @@ _kernels: dict = {}
 _failed: set = set()
 
 
-def source(V: int, n_pred: int, e5m2: bool, threads: int = THREADS) -> str:
-    """The kernel's CUDA source for a vocabulary, a number of MTP targets and a gradient dtype."""
-    return _SOURCE.format(V=V, N_PRED=n_pred, THREADS=threads, GRAD_E5M2=int(e5m2))
+def source(V: int, n_pred: int, e5m2: bool, threads: int | None = None) -> str:
+    """The kernel's CUDA source for a vocabulary, a number of MTP targets and a gradient dtype, for
+    blocks of `threads` threads (THREADS as it is set when called)."""
+    return _SOURCE.format(V=V, N_PRED=n_pred, THREADS=threads or THREADS, GRAD_E5M2=int(e5m2))
 
 
 def _smem_bytes(V: int) -> int:
@@ -225,7 +226,7 @@ def _kernel(V: int, n_pred: int, e5m2: bool, device: torch.device):
     if key not in _kernels:
         props = torch.cuda.get_device_properties(device)
         with torch.cuda.device(device):
-            k = torch.cuda._compile_kernel(source(V, n_pred, e5m2), "head_loss_kernel",
+            k = torch.cuda._compile_kernel(source(V, n_pred, e5m2, THREADS), "head_loss_kernel",
                                            compute_capability=f"{props.major}{props.minor}")
             k.set_shared_memory_config(_smem_bytes(V))
         _kernels[key] = k
