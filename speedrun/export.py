@@ -29,8 +29,27 @@ CODE_FILES = ("configuration_speedrun_gpt.py", "modeling_speedrun_gpt.py")
 # the record recipe's folder carries its training modules: the exported model runs that code
 RECORD_CODE_FILES = ("configuration_speedrun_record.py", "modeling_speedrun_record.py")
 RECORD_DIR = Path(__file__).parent / "record"
-RECORD_MODULES = ("model.py", "mudd.py", "attention.py", "bigram.py", "dc.py", "loss.py", "lookup.py", "mlp.py",
-                  "yarn.py")
+RECORD_ENTRY = "model.py"
+
+
+def record_modules(entry: str = RECORD_ENTRY) -> tuple[str, ...]:
+    """The record modules the exported model imports, found by following `from .x import` from
+    model.py: a new module the model needs travels with the export without a list to keep."""
+    import ast
+    found, todo = [], [entry]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.append(name)
+        tree = ast.parse((RECORD_DIR / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                todo += [f"{t.split('.')[0]}.py" for t in targets if (RECORD_DIR / f"{t.split('.')[0]}.py").exists()]
+    return tuple(sorted(found))
+
+
 RECORD_MAX_LEN = 8192   # rotary rows of an exported record model: the longest text it takes
 TEXT_VOCAB = 50257          # GPT-2's tokens; model rows above are padding (vocab rounded to x128)
 # GPTConfig fields the HF modeling code reproduces (max_seq_len is not needed there)
@@ -294,7 +313,7 @@ def export_folder(final: Path, train_metrics: Path, eval_metrics: Path, out: Pat
     record = state.get("recipe") == "record"
     if record:
         config, weights = record_export(state, str(final))
-        code = [HF_CODE_DIR / f for f in RECORD_CODE_FILES] + [RECORD_DIR / f for f in RECORD_MODULES]
+        code = [HF_CODE_DIR / f for f in RECORD_CODE_FILES] + [RECORD_DIR / f for f in record_modules()]
     else:
         weights = checked_state_dict(state, str(final))
         config = hf_config(state)

@@ -248,8 +248,6 @@ def test_loss_kernel_choice_dispatches_only_the_fast_gpu_path(monkeypatch):
     kernel NVRTC could not build go to the Triton kernel."""
     from types import SimpleNamespace
 
-    from speedrun.record import loss_cuda as LC
-
     calls = []
     sentinel = torch.full((3,), 5.0)
 
@@ -263,8 +261,8 @@ def test_loss_kernel_choice_dispatches_only_the_fast_gpu_path(monkeypatch):
             def launch(*args, **kw):
                 calls.append(("triton", grid, kw["FAST"]))
             return launch
-    monkeypatch.setattr(LC, "available", lambda u, g: True)
-    monkeypatch.setattr(LC, "run", fake_run)
+    monkeypatch.setattr(L, "cuda_kernel_available", lambda u, g: True)
+    monkeypatch.setattr(L, "run_cuda_kernel", fake_run)
     monkeypatch.setattr(L, "_loss_kernel", FakeTriton(), raising=False)
     monkeypatch.setattr(L, "triton", SimpleNamespace(cdiv=lambda a, b: -(-a // b)), raising=False)
     u = torch.zeros(3, 16, dtype=torch.bfloat16)

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import loss_cuda
+# `from .x import` (not `from . import x`): transformers copies an exported model's modules by
+# that pattern, so the exported folder's loss.py finds its kernel module
+from .loss_cuda import available as cuda_kernel_available, run as run_cuda_kernel
 
 try:
     import triton
@@ -254,9 +256,9 @@ def _run_kernel(u: Tensor, targets: Tensor, mtp_weights: Tensor, prefix_targets:
     rows, V = u.shape
     inv_c = 1.0 / C
     if (LOSS_KERNEL == "cuda" and fast and targets.dtype == prefix_targets.dtype == torch.int64
-            and loss_cuda.available(u, grad)):
-        losses = loss_cuda.run(u, targets, mtp_weights, prefix_targets, prefix_weight, grad, coef, inv_c,
-                               B * inv_c, A)
+            and cuda_kernel_available(u, grad)):
+        losses = run_cuda_kernel(u, targets, mtp_weights, prefix_targets, prefix_weight, grad, coef, inv_c,
+                                 B * inv_c, A)
         if losses is not None:
             return losses
     losses = torch.empty(rows, dtype=torch.float32, device=u.device)
