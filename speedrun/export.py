@@ -29,25 +29,14 @@ CODE_FILES = ("configuration_speedrun_gpt.py", "modeling_speedrun_gpt.py")
 # the record recipe's folder carries its training modules: the exported model runs that code
 RECORD_CODE_FILES = ("configuration_speedrun_record.py", "modeling_speedrun_record.py")
 RECORD_DIR = Path(__file__).parent / "record"
-RECORD_ENTRY = "model.py"
 
 
-def record_modules(entry: str = RECORD_ENTRY) -> tuple[str, ...]:
-    """The record modules the exported model imports, found by following `from .x import` from
-    model.py: a new module the model needs travels with the export without a list to keep."""
-    import ast
-    found, todo = [], [entry]
-    while todo:
-        name = todo.pop()
-        if name in found:
-            continue
-        found.append(name)
-        tree = ast.parse((RECORD_DIR / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                targets = [node.module] if node.module else [a.name for a in node.names]
-                todo += [f"{t.split('.')[0]}.py" for t in targets if (RECORD_DIR / f"{t.split('.')[0]}.py").exists()]
-    return tuple(sorted(found))
+def record_modules() -> list[Path]:
+    """model.py and the record modules it imports, found as transformers finds them when it loads
+    the exported folder: what ships is what the remote code will look for, with no list to keep."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+    entry = RECORD_DIR / "model.py"
+    return [entry] + [Path(f) for f in get_relative_import_files(str(entry))]
 
 
 RECORD_MAX_LEN = 8192   # rotary rows of an exported record model: the longest text it takes
@@ -313,7 +302,7 @@ def export_folder(final: Path, train_metrics: Path, eval_metrics: Path, out: Pat
     record = state.get("recipe") == "record"
     if record:
         config, weights = record_export(state, str(final))
-        code = [HF_CODE_DIR / f for f in RECORD_CODE_FILES] + [RECORD_DIR / f for f in record_modules()]
+        code = [HF_CODE_DIR / f for f in RECORD_CODE_FILES] + record_modules()
     else:
         weights = checked_state_dict(state, str(final))
         config = hf_config(state)
