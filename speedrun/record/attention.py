@@ -51,11 +51,10 @@ def flex_kernel_options(capability: tuple[int, int] | None) -> dict | None:
 
 
 # The paired-head layers' backward tiles on Hopper: "default" (Inductor's, 64 x 128 / 128 x 64 in
-# 8 warps) or "64" (64 x 64 in 4 warps, 3 stages). Their doubled sequence is two thirds of the
-# attention work at half the heads; one check (benchmarks/results/README.md, attention r1 / r2)
-# timed their forward + backward at 0.953 ms with the default tiles and 0.649 ms where Inductor
-# could choose the 64 x 64 ones, in two calls: a benchmark switch until one call compares the
-# whole step (benchmarks/switches.py)
+# 8 warps) or "64" (64 x 64 in 4 warps, 3 stages) for their 2T-long sequence of three heads. One
+# check (benchmarks/results/README.md, attention r1 / r2) timed their forward + backward at
+# 0.953 ms with the default tiles and 0.649 ms where Inductor could choose the 64 x 64 ones, in two
+# calls: a benchmark switch until one call compares the whole step (benchmarks/switches.py)
 PAIRED_BWD = "default"
 _PAIRED_BWD_64 = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
                   "bwd_num_stages": 3, "bwd_num_warps": 4}
