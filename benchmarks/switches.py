@@ -4,9 +4,8 @@ params.yaml key: the embedding tables' kind, because the public one-4090 recipe 
 projection (fused into the matmul, against the pointwise default) and backward (the pointwise
 kernel, against the fused default); its DC products (the fp32 GEMMs, against the bf16 default)
 and head mix (one einsum, against the sum); its tables' gradients (autograd's dense ones, against
-the in-place default); its head's chunk of logits rows and its loss kernel; its paired-head
-layers' FlexAttention backward tiles (64 x 64 on Hopper, against Inductor's: not yet measured in
-the whole step). Every other execution choice is either a params.yaml key or fixed once measured
+the in-place default); its head's chunk of logits rows and its loss kernel.
+Every other execution choice is either a params.yaml key or fixed once measured
 (benchmarks/results/README.md).
 
 Each variant runs in a process of its own, so a switch set here lasts for that variant only.
@@ -22,7 +21,6 @@ SWITCHES = {
     "mlp_forward": ("speedrun.record.mlp", "FORWARD"),         # pointwise | fused (record recipe)
     "dc_matmul": ("speedrun.record.dc", "MATMUL"),             # fp32 | bf16 (record recipe's DC products)
     "dc_mix": ("speedrun.record.dc", "MIX"),                   # sum | einsum (record recipe's DC head mix)
-    "paired_bwd": ("speedrun.record.attention", "PAIRED_BWD"),   # default | 64 (record's paired-head backward tiles)
     "table_grads": ("speedrun.record.lookup", "MODE"),         # accumulate | autograd (record recipe's tables)
     "head_chunk_rows": ("speedrun.record.loss", "HEAD_CHUNK_ROWS"),   # rows of logits at a time (record head)
     "loss_kernel": ("speedrun.record.loss", "LOSS_KERNEL"),    # cuda | triton (record head's loss kernel)

@@ -57,10 +57,6 @@ VARIANTS = {
     # the head's loss kernel in Triton (record/loss.py LOSS_KERNEL): two reads of each row of logits
     # and four special-function operations a logit, the default CUDA kernel's one read and three undone
     "record_triton_loss": {"recipe": "record", "loss_kernel": "triton"},
-    # the paired-head layers' FlexAttention backward in 64 x 64 tiles on Hopper (record/attention.py
-    # PAIRED_BWD): predicted -12 to -15 ms a stage-3 step (48 backward kernels of ~0.63 ms, one check
-    # timing that layer's forward + backward at 0.65 against 0.95 ms)
-    "record_paired_bwd64": {"recipe": "record", "paired_bwd": "64"},
     # the head's logits 16,384 rows at a time (record/loss.py HEAD_CHUNK_ROWS), twice the default's
     # chunk: fewer fp32 adds of the head's weight gradient, 1.5 GB more memory
     "record_head_chunk16k": {"recipe": "record", "head_chunk_rows": 16384},

@@ -96,40 +96,6 @@ def test_flex_tiles_fit_a_99_kib_card_where_inductors_own_do_not(monkeypatch):
     assert flex_kernel_options(None) is None
 
 
-def test_paired_backward_tiles_reach_only_hopper_and_divide_the_mask_blocks(monkeypatch):
-    """PAIRED_BWD="64" gives the paired-head layers 64 x 64 backward tiles on 9.x only (8.9 keeps
-    its own options: its shared memory is smaller), tiles that the lowering can apply to the
-    128-token mask blocks (its own default tile must divide them too, or it filters every tile
-    out), and the model hands those options to the paired layers alone."""
-    from torch._inductor.template_heuristics.triton import CUDAConfigHeuristic
-
-    from speedrun.record import attention as A
-    from speedrun.record import model as M
-
-    assert A.paired_kernel_options((9, 0)) is None   # off by default: Inductor's tiles everywhere
-    monkeypatch.setattr(A, "PAIRED_BWD", "64")
-    tiles = A.paired_kernel_options((9, 0))
-    assert {k: tiles[k] for k in ("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2")} == \
-        {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    for conf in CUDAConfigHeuristic().get_flex_attn_bwd_configs(128, torch.bfloat16):
-        assert all(A.BLOCK % b == 0 for b in (conf.block_m1, conf.block_n1, conf.block_m2, conf.block_n2))
-    assert A.paired_kernel_options((8, 9)) == A.flex_kernel_options((8, 9))
-    assert A.paired_kernel_options(None) is None
-
-    seen = []
-    monkeypatch.setattr(M, "attend", lambda q, k, v, mask, scale, options=None: (seen.append(options), q)[1])
-    model = M.build(M.RecordConfig(vocab_size=64, model_dim=48, head_dim=8, bigram_vocab=32, bigram_sign_rows=16,
-                                   max_seq_len=256), torch.device("cpu"), fp8=False, seed=0)
-    model.flex_options, model.flex_options_paired = {"plain": 1}, {"paired": 1}
-    x = torch.randint(0, 64, (32,), dtype=torch.int32)
-    m = model.masks(torch.tensor([0, 32], dtype=torch.int32), 32)
-    with torch.no_grad():
-        model.hidden_states(x, x % 32, m[("short", False)], m[("long", False)], m[("short", True)], m.doc, False)
-    expected = [{"paired": 1} if i in M.PAIRED else {"plain": 1} for i in range(M.NUM_LAYERS) if i != M.SKIP_LAYER]
-    assert seen == expected
-
-
 def test_dc_correction_equals_a_per_token_loop():
     torch.manual_seed(0)
     T, H, D = 256, 6, 8

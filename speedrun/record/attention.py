@@ -50,26 +50,6 @@ def flex_kernel_options(capability: tuple[int, int] | None) -> dict | None:
     return {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8}
 
 
-# The paired-head layers' backward tiles on Hopper: "default" (Inductor's, 64 x 128 / 128 x 64 in
-# 8 warps) or "64" (64 x 64 in 4 warps, 3 stages) for their 2T-long sequence of three heads. One
-# check (benchmarks/results/README.md, attention r1 / r2) timed their forward + backward at
-# 0.953 ms with the default tiles and 0.649 ms where Inductor could choose the 64 x 64 ones, in two
-# calls: a benchmark switch until one call compares the whole step (benchmarks/switches.py)
-PAIRED_BWD = "default"
-_PAIRED_BWD_64 = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                  "bwd_num_stages": 3, "bwd_num_warps": 4}
-
-
-def paired_kernel_options(capability: tuple[int, int] | None) -> dict | None:
-    """flex_kernel_options for the paired-head layers: PAIRED_BWD's tiles on Hopper (9.x), where a
-    128-token mask block takes them (the lowering filters its own tile list by the block size,
-    then applies the tiles passed); elsewhere the other layers' options."""
-    base = flex_kernel_options(capability)
-    if PAIRED_BWD != "64" or capability is None or capability[0] != 9:
-        return base
-    return {**(base or {}), **_PAIRED_BWD_64}
-
-
 def doc_ids(cu_seqlens: Tensor, T: int) -> Tensor:
     """Document index of each of the T positions, from cu_seqlens (0, ends..., T, T, ...)."""
     pos = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .mudd import (GATE_COEFS, HIDDEN, MUDD_COEFS, MUDD_SCALE, POST_ATTN_GATE, POST_DC,
                    POST_GATE_LAYER, POST_INJECT, POST_SKIP, POST_XSA, PRE_ATTN_GATE, PRE_INJECT,
                    PRE_XSA, coefficient_mlp, gate_bias_init, kaiming_rows, mudd_bias_init)
-from .attention import Masks, attend, flex_kernel_options, paired_kernel_options, xsa
+from .attention import Masks, attend, flex_kernel_options, xsa
 from .bigram import sign_ids, sign_table
 from .dc import dc_correct, dc_weights
 from .lookup import lookup
@@ -147,7 +147,6 @@ class RecordGPT(nn.Module):
         # execution state, not weights: rotary tables, windows, FP8 copies (attach())
         self.fp8: FP8State | None = None
         self.flex_options: dict | None = None   # FlexAttention tiles for the GPU (attach)
-        self.flex_options_paired: dict | None = None   # ... for the paired-head layers
 
     # ----------------------------------------------------------------------------- set-up
     def attach(self, device: torch.device, fp8: bool) -> "RecordGPT":
@@ -176,9 +175,8 @@ class RecordGPT(nn.Module):
             padded[:, 0] = old
             self._buffers[name] = padded[:, 0]
         hd, rows = self.cfg.head_dim, self.cfg.max_seq_len
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        self.flex_options = flex_kernel_options(capability)
-        self.flex_options_paired = paired_kernel_options(capability)
+        self.flex_options = flex_kernel_options(
+            torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
         self.yarn = Yarn(hd, rows, paired=False, device=device)
         self.yarn_paired = Yarn(hd, rows, paired=True, device=device)
         for name, t in (("rot_cos", self.yarn.cos), ("rot_sin", self.yarn.sin),
@@ -252,7 +250,7 @@ class RecordGPT(nn.Module):
             k = rotary(k, cos_paired, sin_paired).view(B, 2 * T, H // 2, hd)
             if aux_v is not None:
                 v = v + aux_v.view_as(v)
-        y = attend(q, k, v, mask, self.attn_scale, self.flex_options_paired if i in PAIRED else self.flex_options)
+        y = attend(q, k, v, mask, self.attn_scale, self.flex_options)
         if dc is not None:
             y = dc_correct(y, q, k, v, *dc_weights(x, *dc), doc, self.attn_scale)
         y = y.reshape(B, T, H, hd)
